@@ -1,0 +1,98 @@
+"""Geometry of the bank: similarity structure, clusters, principal axes and human norms."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import leaves_list, linkage
+from scipy.cluster.vq import kmeans2
+from scipy.spatial.distance import squareform
+from scipy.stats import pearsonr
+
+from emoscope.concepts import Norm
+
+
+def cosine_matrix(vectors: torch.Tensor) -> np.ndarray:
+    v = vectors.double()
+    v = v / v.norm(dim=1, keepdim=True)
+    return (v @ v.T).numpy()
+
+
+def cluster_order(similarity: np.ndarray) -> list[int]:
+    """Leaf order of average-linkage hierarchical clustering on cosine distance."""
+    distance = np.clip(1.0 - similarity, 0.0, 2.0)
+    np.fill_diagonal(distance, 0.0)
+    tree = linkage(squareform(distance, checks=False), method="average")
+    return [int(i) for i in leaves_list(tree)]
+
+
+def kmeans_clusters(vectors: torch.Tensor, k: int = 10, seed: int = 0, restarts: int = 20) -> list[int]:
+    """k-means on the unit vectors (best of several seeded restarts, by inertia)."""
+    x = (vectors / vectors.norm(dim=1, keepdim=True)).double().numpy()
+    best_labels, best_inertia = None, np.inf
+    rng = np.random.default_rng(seed)
+    for _ in range(restarts):
+        centroids, labels = kmeans2(x, k, minit="++", seed=int(rng.integers(1 << 31)))
+        inertia = float(((x - centroids[labels]) ** 2).sum())
+        if inertia < best_inertia and len(set(labels.tolist())) == k:
+            best_labels, best_inertia = labels, inertia
+    assert best_labels is not None
+    return [int(c) for c in best_labels]
+
+
+@dataclass
+class PCA:
+    components: np.ndarray
+    """``[k, hidden]``"""
+    scores: np.ndarray
+    """``[emotions, k]``"""
+    explained: np.ndarray
+    """variance ratio of each component"""
+
+
+def pca(vectors: torch.Tensor, k: int = 5) -> PCA:
+    x = vectors.double().numpy()
+    x = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    var = s**2
+    return PCA(vt[:k], x @ vt[:k].T, var[:k] / var.sum())
+
+
+def correlate(values: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
+    if len(values) < 3:
+        return {"r": float("nan"), "p": float("nan"), "n": len(values)}
+    r, p = pearsonr(values, reference)
+    return {"r": float(r), "p": float(p), "n": len(values)}
+
+
+def norm_correlations(scores: np.ndarray, emotions: Sequence[str], norms: Mapping[str, Norm], n_pcs: int = 3) -> dict[str, Any]:
+    """Pearson r of each of the first PCs with human valence, arousal and dominance."""
+    rated = [i for i, e in enumerate(emotions) if e in norms]
+    out: dict[str, Any] = {}
+    for pc in range(min(n_pcs, scores.shape[1])):
+        for dim in ("valence", "arousal", "dominance"):
+            ref = [getattr(norms[emotions[i]], dim) for i in rated]
+            out[f"pc{pc + 1}_{dim}"] = correlate([float(scores[i, pc]) for i in rated], ref)
+    return out
+
+
+def representational_similarity(matrices: Mapping[int, np.ndarray]) -> tuple[list[int], np.ndarray]:
+    """Cosine similarity between layers' off-diagonal similarity structures."""
+    layers = sorted(matrices)
+    upper = np.triu_indices(next(iter(matrices.values())).shape[0], k=1)
+    flat = np.stack([matrices[layer][upper] for layer in layers])
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    flat = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    return layers, flat @ flat.T
+
+
+def nearest_neighbours(similarity: np.ndarray, emotions: Sequence[str], k: int = 3) -> dict[str, list[str]]:
+    out = {}
+    for i, e in enumerate(emotions):
+        order = np.argsort(-similarity[i])
+        out[e] = [emotions[j] for j in order if j != i][:k]
+    return out

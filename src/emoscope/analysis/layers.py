@@ -1,0 +1,75 @@
+"""Layer sweep: how well each layer's vectors identify the emotion of held-out stories.
+
+A story is classified by its nearest vector after centring (the largest readout among all the
+bank's emotions). The default layer is chosen by cross-validation over topics *within the
+training split*, so the test split stays untouched until it is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from emoscope.vectors import Recipe, build_layer
+
+
+@dataclass
+class Accuracy:
+    top1: float
+    top5: float
+    n: int
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> Accuracy:
+    """``scores``: ``[items, emotions]``; ``labels``: the true emotion index of each item."""
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return Accuracy(
+        float((top[:, 0] == labels).float().mean()),
+        float((top == labels.unsqueeze(1)).any(dim=1).float().mean()),
+        int(labels.numel()),
+    )
+
+
+def nearest_vector_accuracy(
+    vectors: torch.Tensor, centre: torch.Tensor, means: torch.Tensor, labels: torch.Tensor
+) -> Accuracy:
+    return topk_accuracy((means - centre) @ vectors.T, labels)
+
+
+def topic_folds(topics: Sequence[str], n_folds: int) -> list[torch.Tensor]:
+    """Boolean masks that hold out disjoint groups of topics (deterministic)."""
+    ordered = sorted(set(topics))
+    fold_of = {t: i % n_folds for i, t in enumerate(ordered)}
+    assignment = torch.tensor([fold_of[t] for t in topics])
+    return [assignment == f for f in range(n_folds)]
+
+
+def cross_validated_accuracy(
+    means: torch.Tensor,
+    labels: torch.Tensor,
+    topics: Sequence[str],
+    n_emotions: int,
+    neutral_cov: torch.Tensor | None,
+    recipe: Recipe,
+    n_folds: int = 5,
+) -> Accuracy:
+    """Leave-topics-out accuracy on training stories at one layer."""
+    correct1 = correct5 = total = 0.0
+    for held in topic_folds(topics, n_folds):
+        fit = ~held
+        if len(set(labels[fit].tolist())) < n_emotions or not held.any():
+            continue
+        layer = build_layer(means[fit], labels[fit], n_emotions, neutral_cov, recipe)
+        acc = nearest_vector_accuracy(layer.vectors, layer.mean, means[held], labels[held])
+        correct1 += acc.top1 * acc.n
+        correct5 += acc.top5 * acc.n
+        total += acc.n
+    return Accuracy(correct1 / max(total, 1), correct5 / max(total, 1), int(total))
+
+
+def choose_layer(cv: dict[int, Accuracy]) -> int:
+    """The layer with the best mean of cross-validated top-1 and top-5 accuracy."""
+    return max(cv, key=lambda layer: (cv[layer].top1 + cv[layer].top5, -layer))

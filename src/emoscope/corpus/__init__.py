@@ -1,0 +1,1 @@
+"""The emotion story corpus, neutral dialogues and evaluation prompts that ship with emoscope."""

