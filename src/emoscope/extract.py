@@ -42,14 +42,14 @@ from emoscope.activations import (
     clear_checkpoints,
 )
 from emoscope.analysis import geometry
-from emoscope.analysis.layers import Accuracy, choose_layer, cross_validated_accuracy, nearest_vector_accuracy
+from emoscope.analysis.layers import Accuracy, choose, cross_validated_accuracy, nearest_vector_accuracy
 from emoscope.analysis.logit_lens import logit_lens
 from emoscope.analysis.prompts import assistant_start_readouts, implicit_accuracy, intensity_trend, z_scores
 from emoscope.concepts import EMOTIONS, human_norms
 from emoscope.corpus.records import Dialogue, Story, corpus_sha256, load_eval_prompts, load_neutral, load_stories
 from emoscope.errors import EmoscopeError, RunDirectoryError
 from emoscope.models import DEFAULT_MODEL, LoadedModel, load_model, preferred_dtype
-from emoscope.vectors import EmotionVectors, LayerVectors, Recipe, bank_from_parts, build_layer, covariance_of
+from emoscope.vectors import EmotionVectors, LayerVectors, Recipe, bank_from_parts, build_layer, covariance_of, neutral_basis
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,13 @@ def _echo_stderr(message: str) -> None:
 
 
 def _run_identity(config: ExtractConfig, lm: LoadedModel, corpus_hash: str, layers: list[int]) -> dict[str, Any]:
-    return {
+    return json.loads(json.dumps({
         "model": lm.name,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "layers": layers,
         "corpus_sha256": corpus_hash,
         "recipe": asdict(config.recipe),
-    }
+    }))
 
 
 def prepare_run_dir(out: Path, identity: dict[str, Any]) -> None:
@@ -246,34 +246,51 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
         is_test = torch.tensor([s.split == "test" for s in stories])
         train = ~is_test
         train_topics = [s.topic for s, t in zip(stories, train.tolist()) if t]
+        bases = {}
+        cv: dict[tuple[float, int], Accuracy] = {}
+        for i, layer in enumerate(layers):
+            neutral_cov = nm.cov[i] if recipe.neutral_pca == "tokens" else covariance_of(nm.text_means[:, i])
+            bases[layer] = neutral_basis(neutral_cov, recipe, lm.hidden_size)
+            for level in recipe.story_levels:
+                cv[(level, layer)] = cross_validated_accuracy(
+                    sm.means[train, i], labels[train], train_topics, len(emotions), bases[layer],
+                    recipe.with_story_variance(level), config.cv_folds,
+                )
+        level, default_layer = choose(cv)
+        chosen = recipe.with_story_variance(level)
         per_layer: dict[int, LayerVectors] = {}
         stats: dict[str, torch.Tensor] = {}
         sweep: list[dict[str, Any]] = []
-        cv: dict[int, Accuracy] = {}
         for i, layer in enumerate(layers):
             x = sm.means[:, i]
-            neutral_cov = nm.cov[i] if recipe.neutral_pca == "tokens" else covariance_of(nm.text_means[:, i])
-            lv = build_layer(x[train], labels[train], len(emotions), neutral_cov, recipe)
+            lv = build_layer(x[train], labels[train], len(emotions), bases[layer], chosen)
             per_layer[layer] = lv
             for name, value in _stats_for_layer(lv, nm, i, pr["neutral"][:, i]).items():
                 stats[f"{name}.{layer}"] = value
-            test_acc = nearest_vector_accuracy(lv.vectors, lv.mean, x[is_test], labels[is_test]) if is_test.any() else Accuracy(0, 0, 0)
-            raw_acc = nearest_vector_accuracy(lv.raw, lv.mean, x[is_test], labels[is_test]) if is_test.any() else Accuracy(0, 0, 0)
-            cv[layer] = cross_validated_accuracy(x[train], labels[train], train_topics, len(emotions), neutral_cov, recipe, config.cv_folds)
+            none = Accuracy(0, 0, 0)
+            test_acc = nearest_vector_accuracy(lv.vectors, lv.mean, x[is_test], labels[is_test]) if is_test.any() else none
+            raw_acc = nearest_vector_accuracy(lv.raw, lv.mean, x[is_test], labels[is_test]) if is_test.any() else none
             corr = _valence_r(lv.vectors, emotions)
             sweep.append({
-                "layer": layer, "test": _acc(test_acc), "test_raw": _acc(raw_acc), "cv_train": _acc(cv[layer]),
-                "pc1_valence_r": corr["pc1_valence"]["r"], "neutral_components": lv.n_components,
-                "residual_norm": float(nm.mean_norm[i]),
+                "layer": layer, "test": _acc(test_acc), "test_raw": _acc(raw_acc), "cv_train": _acc(cv[(level, layer)]),
+                "pc1_valence_r": corr["pc1_valence"]["r"], "projected_components": lv.n_components,
+                "neutral_components": int(bases[layer].shape[1]), "residual_norm": float(nm.mean_norm[i]),
             })
-        default_layer = choose_layer(cv)
+        selection = {
+            "story_variance": level,
+            "grid": list(recipe.story_levels),
+            "cv_by_level": {str(lv_): max((cv[(lv_, la)].top1 + cv[(lv_, la)].top5) / 2 for la in layers) for lv_ in recipe.story_levels},
+        }
+        recipe = chosen
         two_thirds = layers[min(len(layers) - 1, round(2 / 3 * (lm.n_layers - 1)) - layers[0])] if layers else 0
 
     with timer.stage("validation and geometry"):
         manifest = {
             "model": lm.name, "family": lm.adapter.family, "n_layers_model": lm.n_layers,
             "hidden_size": lm.hidden_size, "dtype": str(lm.dtype).removeprefix("torch."),
-            "default_layer": default_layer, "default_layer_rule": "best cross-validated (train topics) top-1 + top-5",
+            "default_layer": default_layer,
+            "default_layer_rule": "best cross-validated (train topics) top-1 + top-5, jointly with story_variance",
+            "story_variance_selection": selection,
             "two_thirds_layer": two_thirds, "corpus_sha256": corpus_hash,
             "n_stories_train": int(train.sum()), "n_stories_test": int(is_test.sum()),
             "n_neutral_dialogues": len(dialogues), "neutral_tokens": nm.count,
@@ -292,6 +309,7 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             "short_stories": int(sm.short.sum()), "mean_tokens_averaged": float(sm.n_tokens.float().mean()),
         },
         "recipe": asdict(recipe),
+        "story_variance_selection": selection,
         "default_layer": default_layer,
         "two_thirds_layer": two_thirds,
         "layer_sweep": sweep,

@@ -338,7 +338,8 @@ def add_to_residual(
     try:
         handles.append(model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
         for layer in prepared:
-            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
+            # Prepended, so a reader on the same block sees the steered residual.
+            handles.append(blocks[layer].register_forward_hook(make_hook(layer), prepend=True))
         yield tracker
     finally:
         for handle in handles:

@@ -5,6 +5,12 @@ stories minus the mean of those per-emotion means; then project out the top prin
 of emotionally neutral text (enough to explain ``neutral_variance`` of its variance); then scale
 to unit length. The unprojected ("raw") vectors are kept as well.
 
+emoscope adds one optional denoising step, off in the paper's recipe: also project out the top
+principal components of the *within-emotion* story variation (``story_variance``), the
+directions along which stories of one emotion differ from each other (topic, setting, narrator,
+writing style). Chosen by cross-validation within the training split, it sharpens held-out
+accuracy on unseen topics.
+
 On disk a bank is a folder:
 
 - ``vectors.safetensors``: ``layer.{i}`` float32 ``[emotions, hidden]`` unit rows, manifest order;
@@ -53,6 +59,11 @@ class Recipe:
     """Fit the neutral PCA over token positions (``tokens``) or over per-dialogue means (``texts``)."""
     neutral_skip_first: int = 1
     """Neutral positions skipped at the start of each dialogue (the attention-sink token)."""
+    story_variance: float | str = "auto"
+    """Fraction of within-emotion story variance whose principal components are also projected
+    out (0: the paper's recipe). ``auto`` picks it from ``story_variance_grid`` together with the
+    default layer, by cross-validation over training topics."""
+    story_variance_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
     centring: str = "mean-of-emotion-means"
     story_format: str = "raw"
     """Stories are read as plain text, not wrapped in a chat turn."""
@@ -64,6 +75,17 @@ class Recipe:
             raise EmoscopeError(f"neutral_pca must be one of {NEUTRAL_PCA_MODES}.")
         if self.token_offset < 0:
             raise EmoscopeError("token_offset must be >= 0.")
+        if self.story_variance != "auto" and not (isinstance(self.story_variance, int | float) and 0 <= self.story_variance < 1):
+            raise EmoscopeError(f"story_variance must be 'auto' or in [0, 1) (got {self.story_variance!r}).")
+
+    def with_story_variance(self, value: float) -> Recipe:
+        from dataclasses import replace
+
+        return replace(self, story_variance=float(value))
+
+    @property
+    def story_levels(self) -> tuple[float, ...]:
+        return self.story_variance_grid if self.story_variance == "auto" else (float(self.story_variance),)
 
 
 def class_means(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -110,18 +132,33 @@ class LayerVectors:
     n_components: int
 
 
+def neutral_basis(neutral_cov: torch.Tensor | None, recipe: Recipe, hidden: int) -> torch.Tensor:
+    """``[hidden, k]`` neutral-text principal components to project out."""
+    if neutral_cov is None:
+        return torch.zeros(hidden, 0)
+    return principal_components(neutral_cov, recipe.neutral_variance)
+
+
 def build_layer(
     story_means: torch.Tensor,
     labels: torch.Tensor,
     n_emotions: int,
-    neutral_cov: torch.Tensor | None,
+    basis: torch.Tensor,
     recipe: Recipe,
 ) -> LayerVectors:
-    """Vectors for one layer from per-story means ``[stories, hidden]`` and integer labels."""
+    """Vectors for one layer from per-story means ``[stories, hidden]`` and integer labels.
+
+    ``basis`` holds the neutral components (:func:`neutral_basis`); ``recipe.story_variance``
+    must be a number here (``auto`` is resolved by the caller).
+    """
     per_emotion = class_means(story_means, labels, n_emotions)
     centre = per_emotion.mean(dim=0)
     diff = per_emotion - centre
-    basis = principal_components(neutral_cov, recipe.neutral_variance) if neutral_cov is not None else torch.zeros(diff.shape[1], 0)
+    story_variance = float(recipe.story_variance)  # type: ignore[arg-type]
+    if story_variance > 0:
+        residual = story_means - per_emotion[labels]
+        within = principal_components(residual.double().T @ residual.double() / len(residual), story_variance)
+        basis = torch.linalg.qr(torch.cat([basis, within], dim=1))[0] if basis.numel() else within
     return LayerVectors(unit_rows(project_out(diff, basis)), unit_rows(diff), centre, int(basis.shape[1]))
 
 

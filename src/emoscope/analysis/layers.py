@@ -52,7 +52,7 @@ def cross_validated_accuracy(
     labels: torch.Tensor,
     topics: Sequence[str],
     n_emotions: int,
-    neutral_cov: torch.Tensor | None,
+    basis: torch.Tensor,
     recipe: Recipe,
     n_folds: int = 5,
 ) -> Accuracy:
@@ -62,7 +62,7 @@ def cross_validated_accuracy(
         fit = ~held
         if len(set(labels[fit].tolist())) < n_emotions or not held.any():
             continue
-        layer = build_layer(means[fit], labels[fit], n_emotions, neutral_cov, recipe)
+        layer = build_layer(means[fit], labels[fit], n_emotions, basis, recipe)
         acc = nearest_vector_accuracy(layer.vectors, layer.mean, means[held], labels[held])
         correct1 += acc.top1 * acc.n
         correct5 += acc.top5 * acc.n
@@ -70,6 +70,7 @@ def cross_validated_accuracy(
     return Accuracy(correct1 / max(total, 1), correct5 / max(total, 1), int(total))
 
 
-def choose_layer(cv: dict[int, Accuracy]) -> int:
-    """The layer with the best mean of cross-validated top-1 and top-5 accuracy."""
-    return max(cv, key=lambda layer: (cv[layer].top1 + cv[layer].top5, -layer))
+def choose(cv: dict[tuple[float, int], Accuracy]) -> tuple[float, int]:
+    """The (story variance, layer) pair with the best cross-validated top-1 + top-5 accuracy
+    (ties: less denoising, then the earlier layer)."""
+    return max(cv, key=lambda key: (round(cv[key].top1 + cv[key].top5, 6), -key[0], -key[1]))

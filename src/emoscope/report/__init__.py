@@ -68,7 +68,9 @@ def write_report(report: dict[str, Any], bank: EmotionVectors, out: Path) -> Pat
         f"<code>{report['corpus']['sha256'][:16]}</code>; {report['corpus']['stories']} stories "
         f"({report['corpus']['train']} train / {report['corpus']['test']} test, topic-disjoint), "
         f"{report['corpus']['neutral_dialogues']} neutral dialogues. Default layer <b>{layer}</b> "
-        f"(chosen by cross-validation within the training split; 2/3 depth is layer {report['two_thirds_layer']}).</p>"
+        f"(chosen by cross-validation within the training split; 2/3 depth is layer {report['two_thirds_layer']}). "
+        f"Within-emotion story variance projected out: {report['story_variance_selection']['story_variance']:.0%} "
+        f"(chosen from {', '.join(f'{x:.0%}' for x in report['story_variance_selection']['grid'])} by the same cross-validation).</p>"
     )
     sections.append("<h2>Summary</h2>" + _table(["measure", "value", "target", ""], summary_rows(s)))
     sections.append(
@@ -76,9 +78,9 @@ def write_report(report: dict[str, Any], bank: EmotionVectors, out: Path) -> Pat
         f"{len(emotions)} emotions, and the PC1-valence correlation, at every layer.</p>"
         f"<img src='{plots.layer_sweep(report['layer_sweep'], layer, report['two_thirds_layer'])}'>"
         + _table(
-            ["layer", "test top-1", "test top-5", "raw top-5", "CV top-1", "CV top-5", "r(PC1,valence)", "neutral PCs", "mean norm"],
+            ["layer", "test top-1", "test top-5", "raw top-5", "CV top-1", "CV top-5", "r(PC1,valence)", "neutral PCs", "all projected", "mean norm"],
             [[r["layer"], _pct(r["test"]["top1"]), _pct(r["test"]["top5"]), _pct(r["test_raw"]["top5"]), _pct(r["cv_train"]["top1"]),
-              _pct(r["cv_train"]["top5"]), f"{r['pc1_valence_r']:+.3f}", r["neutral_components"], f"{r['residual_norm']:.1f}"]
+              _pct(r["cv_train"]["top5"]), f"{r['pc1_valence_r']:+.3f}", r["neutral_components"], r["projected_components"], f"{r['residual_norm']:.1f}"]
              for r in report["layer_sweep"]],
         )
     )
