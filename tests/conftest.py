@@ -87,3 +87,21 @@ def gemma() -> LoadedModel:
 def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("EMOSCOPE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+def synthetic_bank(lm: LoadedModel, emotions=("happy", "sad", "calm", "afraid"), layers=(1, 2), seed: int = 0):
+    """A bank of random unit vectors with simple statistics, for fast exact tests on tiny models."""
+    from emoscope.vectors import EmotionVectors, unit_rows
+
+    g = torch.Generator().manual_seed(seed)
+    vectors = {layer: unit_rows(torch.randn(len(emotions), lm.hidden_size, generator=g)) for layer in layers}
+    stats = {}
+    for layer in layers:
+        stats[f"mean.{layer}"] = torch.randn(lm.hidden_size, generator=g) * 0.1
+        stats[f"neutral_mean.{layer}"] = torch.zeros(lm.hidden_size)
+        stats[f"residual_norm.{layer}"] = torch.tensor([2.0])
+        stats[f"neutral_score_mean.{layer}"] = torch.zeros(len(emotions))
+        stats[f"neutral_score_std.{layer}"] = torch.ones(len(emotions))
+        stats[f"raw.{layer}"] = vectors[layer].clone()
+    manifest = {"model": lm.name, "hidden_size": lm.hidden_size, "default_layer": layers[-1], "family": lm.adapter.family}
+    return EmotionVectors(list(emotions), list(layers), vectors, stats, manifest)

@@ -291,7 +291,7 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             "default_layer": default_layer,
             "default_layer_rule": "best cross-validated (train topics) top-1 + top-5, jointly with story_variance",
             "story_variance_selection": selection,
-            "two_thirds_layer": two_thirds, "corpus_sha256": corpus_hash,
+            "two_thirds_layer": two_thirds, "steer_layer": two_thirds, "corpus_sha256": corpus_hash,
             "n_stories_train": int(train.sum()), "n_stories_test": int(is_test.sum()),
             "n_neutral_dialogues": len(dialogues), "neutral_tokens": nm.count,
             "readout_mode": "centred", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

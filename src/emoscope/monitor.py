@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from emoscope.batching import Batch, encode
+from emoscope.batching import Batch, encode, from_token_lists
 from emoscope.concepts import resolve_emotion, resolve_emotions
 from emoscope.corpus.records import append_jsonl
 from emoscope.errors import EmoscopeError
@@ -298,6 +298,15 @@ class Monitor:
     def score(self, text: str | Sequence[dict[str, str]], style: str = "auto") -> Readout:
         """Per-token readout of a plain text, or of a transcript (list of ``{role, content}``)."""
         return self.score_many([text], style)[0]
+
+    def score_tokens(self, token_ids: Sequence[int]) -> Readout:
+        """Per-token readout of an already tokenised sequence (e.g. a prompt plus its reply)."""
+        batch = from_token_lists([list(token_ids)], self.lm.tokenizer.pad_token_id or 0, self.lm.device)
+        with self.reader() as reader:
+            reader.run(**batch.inputs())
+            scores, z = self._combine(reader, lambda x: x[0])
+        tokens = [self.lm.tokenizer.decode([i]) for i in token_ids]
+        return Readout(self.emotions, tokens, list(token_ids), scores.cpu(), None if z is None else z.cpu(), self.layers, self.mode)
 
     def score_many(self, texts: Sequence[str | Sequence[dict[str, str]]], style: str = "auto") -> list[Readout]:
         prepared = [self._prepare(t, style) for t in texts]

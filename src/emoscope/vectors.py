@@ -63,7 +63,7 @@ class Recipe:
     """Fraction of within-emotion story variance whose principal components are also projected
     out (0: the paper's recipe). ``auto`` picks it from ``story_variance_grid`` together with the
     default layer, by cross-validation over training topics."""
-    story_variance_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    story_variance_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
     centring: str = "mean-of-emotion-means"
     story_format: str = "raw"
     """Stories are read as plain text, not wrapped in a chat turn."""
@@ -181,6 +181,12 @@ class EmotionVectors:
     @property
     def default_layer(self) -> int:
         return int(self.manifest.get("default_layer", self.layers[len(self.layers) * 2 // 3]))
+
+    @property
+    def steer_layer(self) -> int:
+        """Default steering layer: about two thirds of the depth (the paper's "mid-late" layer)."""
+        layer = int(self.manifest.get("steer_layer", self.default_layer))
+        return layer if layer in self.vectors else self.default_layer
 
     @property
     def model_name(self) -> str:

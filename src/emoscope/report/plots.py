@@ -103,7 +103,7 @@ def emotion_map_svg(points: dict[str, Sequence[float]], clusters: Sequence[Seque
     def sy(y: float) -> float:
         return height - pad - (y - ys.min()) / max(1e-9, np.ptp(ys)) * (height - 2 * pad)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" class="map">',
+    parts = [f'<svg viewBox="0 0 {width} {height}" class="map">',
              f'<rect width="{width}" height="{height}" fill="#fcfcfc" stroke="#ddd"/>',
              f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle" font-size="12">PC1</text>',
              f'<text x="12" y="{height / 2}" font-size="12" transform="rotate(-90 12 {height / 2})" text-anchor="middle">PC2</text>']
