@@ -17,9 +17,24 @@ from emoscope.models import LoadedModel, load_model, wrap_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>", *string.ascii_lowercase, *string.digits, *".,!?:'\n ", "<extra>"]
+VOCAB = [
+    "<pad>",
+    "<unk>",
+    "<bos>",
+    "<eos>",
+    *string.ascii_lowercase,
+    *string.digits,
+    *".,!?:'\n ",
+    "<extra>",
+]
 
-_COMMON = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+_COMMON = dict(
+    vocab_size=len(VOCAB),
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
 
 
 def tiny_config(family: str) -> tf.PretrainedConfig:
@@ -48,13 +63,28 @@ def char_tokenizer() -> tf.PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok = tf.PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
     )
     tok.padding_side = "left"
     return tok
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt2", "gpt-neox"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "gpt2",
+    "gpt-neox",
+]
 
 
 @pytest.fixture(scope="session")
@@ -89,12 +119,17 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
-def synthetic_bank(lm: LoadedModel, emotions=("happy", "sad", "calm", "afraid"), layers=(1, 2), seed: int = 0):
+def synthetic_bank(
+    lm: LoadedModel, emotions=("happy", "sad", "calm", "afraid"), layers=(1, 2), seed: int = 0
+):
     """A bank of random unit vectors with simple statistics, for fast exact tests on tiny models."""
     from emoscope.vectors import EmotionVectors, unit_rows
 
     g = torch.Generator().manual_seed(seed)
-    vectors = {layer: unit_rows(torch.randn(len(emotions), lm.hidden_size, generator=g)) for layer in layers}
+    vectors = {
+        layer: unit_rows(torch.randn(len(emotions), lm.hidden_size, generator=g))
+        for layer in layers
+    }
     stats = {}
     for layer in layers:
         stats[f"mean.{layer}"] = torch.randn(lm.hidden_size, generator=g) * 0.1
@@ -103,5 +138,44 @@ def synthetic_bank(lm: LoadedModel, emotions=("happy", "sad", "calm", "afraid"),
         stats[f"neutral_score_mean.{layer}"] = torch.zeros(len(emotions))
         stats[f"neutral_score_std.{layer}"] = torch.ones(len(emotions))
         stats[f"raw.{layer}"] = vectors[layer].clone()
-    manifest = {"model": lm.name, "hidden_size": lm.hidden_size, "default_layer": layers[-1], "family": lm.adapter.family}
+    manifest = {
+        "model": lm.name,
+        "hidden_size": lm.hidden_size,
+        "default_layer": layers[-1],
+        "family": lm.adapter.family,
+    }
     return EmotionVectors(list(emotions), list(layers), vectors, stats, manifest)
+
+
+# ----- a small real bank: the default model on a 16-emotion slice of the corpus (about 40 s) -----
+import json  # noqa: E402
+
+from emoscope.analysis.steering_checks import FEELING_EMOTIONS  # noqa: E402
+from emoscope.corpus.records import load_neutral, load_stories, record  # noqa: E402
+from emoscope.extract import ExtractConfig, extract  # noqa: E402
+
+SLICE_EMOTIONS = [*FEELING_EMOTIONS, "bored", "serene", "furious", "hopeful"]
+LAYERS = [6, 12, 18, 19, 24]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_slice(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("slice")
+    stories = write_jsonl(
+        root / "stories.jsonl", [record(s) for s in load_stories() if s.emotion in SLICE_EMOTIONS]
+    )
+    neutral = write_jsonl(root / "neutral.jsonl", [record(d) for d in load_neutral()[:120]])
+    return stories, neutral
+
+
+@pytest.fixture(scope="session")
+def small_run(corpus_slice, tmp_path_factory):
+    stories, neutral = corpus_slice
+    out = tmp_path_factory.mktemp("run") / "bank"
+    config = ExtractConfig(out=out, layers=LAYERS, stories=stories, neutral=neutral, progress=False)
+    return extract(config, echo=lambda m: None), config

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from conftest import FAMILIES
 from emoscope.batching import encode, from_token_lists, length_sorted_batches
 from emoscope.generation import SamplingConfig, generate
 from emoscope.hooks import ResidualReader
-
-from conftest import FAMILIES
 
 TEXTS = ["the cat sat on the mat.", "a dog!", "seven ships sailed at dawn, slowly.", "hi"]
 
@@ -22,7 +20,7 @@ def read_all(lm, texts, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_activations_equal_unbatched(tiny_lm, family):
     lm = tiny_lm(family)
-    batch, together = read_all(lm, TEXTS)
+    _batch, together = read_all(lm, TEXTS)
     for row, text in enumerate(TEXTS):
         single, alone = read_all(lm, [text])
         n = single.width
@@ -42,7 +40,9 @@ def test_batched_greedy_tokens_equal_unbatched(tiny_lm, family):
 
 def test_sampling_is_reproducible_with_a_seed(tiny_lm):
     lm = tiny_lm("llama")
-    config = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3, stop_at_eos=False)
+    config = SamplingConfig(
+        max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3, stop_at_eos=False
+    )
     assert generate(lm, TEXTS[:2], config).tokens == generate(lm, TEXTS[:2], config).tokens
 
 
@@ -61,8 +61,11 @@ def test_length_sorted_batches_cover_everything_once():
 
 
 def test_real_model_batched_equals_unbatched(smollm):
-    prompts = [smollm.chat([{"role": "user", "content": p}]).text for p in ["Hi!", "Name three rivers in Europe.", "What is 2+2?"]]
-    batch, together = read_all(smollm, prompts, add_special_tokens=False)
+    prompts = [
+        smollm.chat([{"role": "user", "content": p}]).text
+        for p in ["Hi!", "Name three rivers in Europe.", "What is 2+2?"]
+    ]
+    _batch, together = read_all(smollm, prompts, add_special_tokens=False)
     for row, text in enumerate(prompts):
         single, alone = read_all(smollm, [text], add_special_tokens=False)
         n = single.width
@@ -75,5 +78,7 @@ def test_real_model_batched_equals_unbatched(smollm):
     config = SamplingConfig(max_new_tokens=16)
     gen = generate(smollm, prompts, config, add_special_tokens=False)
     for row, text in enumerate(prompts):
-        assert generate(smollm, [text], config, add_special_tokens=False).tokens[0] == gen.tokens[row]
+        assert (
+            generate(smollm, [text], config, add_special_tokens=False).tokens[0] == gen.tokens[row]
+        )
     assert "4" in gen.texts[2]

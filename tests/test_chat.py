@@ -10,7 +10,9 @@ TURNS = [{"role": "user", "content": "My dog passed away this morning."}]
 
 def test_plain_framing_and_positions(tiny_lm):
     lm = tiny_lm("llama")
-    chat = format_chat(lm.tokenizer, [{"role": "system", "content": "be brief"}, *TURNS], style="plain")
+    chat = format_chat(
+        lm.tokenizer, [{"role": "system", "content": "be brief"}, *TURNS], style="plain"
+    )
     assert chat.text == "be brief\n\nHuman: My dog passed away this morning.\n\nAssistant:"
     ids = lm.tokenizer(chat.text)["input_ids"]
     pos = chat.token_positions(lm.tokenizer)
@@ -21,7 +23,9 @@ def test_plain_framing_and_positions(tiny_lm):
 
 
 def test_plain_without_generation_prompt():
-    text, end = format_plain([*TURNS, {"role": "assistant", "content": "That is sad news."}], add_generation_prompt=False)
+    text, end = format_plain(
+        [*TURNS, {"role": "assistant", "content": "That is sad news."}], add_generation_prompt=False
+    )
     assert text.endswith("Assistant: That is sad news.") and end is not None
 
 

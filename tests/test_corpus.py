@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from emoscope.concepts import EMOTIONS, find_forbidden, forbidden_words, human_norms, resolve_emotion
+from emoscope.concepts import (
+    EMOTIONS,
+    find_forbidden,
+    forbidden_words,
+    human_norms,
+    resolve_emotion,
+)
 from emoscope.corpus import quality
 from emoscope.corpus.card import build_card
 from emoscope.corpus.records import (
@@ -30,7 +36,17 @@ def stories():
 
 def test_the_171_concepts():
     assert len(EMOTIONS) == 171 == len(set(EMOTIONS))
-    for quirk in ("hope", "hopeful", "at ease", "on edge", "worn out", "grief-stricken", "self-confident", "self-conscious", "self-critical"):
+    for quirk in (
+        "hope",
+        "hopeful",
+        "at ease",
+        "on edge",
+        "worn out",
+        "grief-stricken",
+        "self-confident",
+        "self-conscious",
+        "self-critical",
+    ):
         assert quirk in EMOTIONS
     assert EMOTIONS[0] == "afraid" and EMOTIONS[-1] == "worthless"
     assert all(forbidden_words(e)[0] == e for e in EMOTIONS)
@@ -68,7 +84,9 @@ def test_story_counts_and_splits(stories):
     assert {s.topic for s in stories if s.split == "train"} <= train_topics
 
 
-@pytest.mark.parametrize("gate", ["check_leakage", "check_lengths", "check_duplicates", "check_valence"])
+@pytest.mark.parametrize(
+    "gate", ["check_leakage", "check_lengths", "check_duplicates", "check_valence"]
+)
 def test_story_gates(stories, gate):
     result = getattr(quality, gate)(stories)
     assert result.passed, result.failures[:10]
@@ -95,9 +113,13 @@ def test_eval_prompts():
 
 
 def test_gates_catch_bad_stories(stories):
-    leaked = type(stories[0])("afraid", "landlord-letter", "train", "first", "I was afraid " + "word " * 80)
+    leaked = type(stories[0])(
+        "afraid", "landlord-letter", "train", "first", "I was afraid " + "word " * 80
+    )
     assert not quality.check_leakage([leaked]).passed
-    assert not quality.check_lengths([leaked.__class__("sad", "x", "train", "first", "too short")]).passed
+    assert not quality.check_lengths(
+        [leaked.__class__("sad", "x", "train", "first", "too short")]
+    ).passed
     copy = stories[0].__class__(stories[1].emotion, "x", "train", "first", stories[0].text)
     assert not quality.check_duplicates([stories[0], copy]).passed
 

@@ -3,55 +3,53 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import LAYERS
+from conftest import SLICE_EMOTIONS as EMOTIONS
 from emoscope.activations import text_means
-from emoscope.analysis.steering_checks import FEELING_EMOTIONS
-from emoscope.corpus.records import load_neutral, load_stories, record
 from emoscope.errors import BankMismatchError, EmoscopeError, RunDirectoryError
 from emoscope.extract import ExtractConfig, extract
 from emoscope.vectors import EmotionVectors, Recipe
 
-EMOTIONS = [*FEELING_EMOTIONS, "bored", "serene", "furious", "hopeful"]
-LAYERS = [6, 12, 18, 19, 24]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="session")
-def corpus_slice(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("slice")
-    stories = write_jsonl(root / "stories.jsonl", [record(s) for s in load_stories() if s.emotion in EMOTIONS])
-    neutral = write_jsonl(root / "neutral.jsonl", [record(d) for d in load_neutral()[:120]])
-    return stories, neutral
-
-
-@pytest.fixture(scope="session")
-def small_run(corpus_slice, tmp_path_factory):
-    stories, neutral = corpus_slice
-    out = tmp_path_factory.mktemp("run") / "bank"
-    config = ExtractConfig(out=out, layers=LAYERS, stories=stories, neutral=neutral, progress=False)
-    return extract(config, echo=lambda m: None), config
-
 
 def test_bank_files_and_manifest(small_run):
-    result, config = small_run
+    result, _config = small_run
     out = result.out
-    for name in ("vectors.safetensors", "stats.safetensors", "manifest.json", "report.json", "report.html", "run.json"):
+    for name in (
+        "vectors.safetensors",
+        "stats.safetensors",
+        "manifest.json",
+        "report.json",
+        "report.html",
+        "run.json",
+    ):
         assert (out / name).exists(), name
     manifest = json.loads((out / "manifest.json").read_text())
-    for key in ("emotions", "layers", "default_layer", "model", "hidden_size", "token_offset", "neutral_variance",
-                "emoscope_version", "corpus_sha256", "steer_layer", "recipe"):
+    for key in (
+        "emotions",
+        "layers",
+        "default_layer",
+        "model",
+        "hidden_size",
+        "token_offset",
+        "neutral_variance",
+        "emoscope_version",
+        "corpus_sha256",
+        "steer_layer",
+        "recipe",
+    ):
         assert key in manifest, key
-    assert manifest["emotions"] == [e for e in EMOTIONS if e in manifest["emotions"]] or sorted(manifest["emotions"]) == sorted(EMOTIONS)
-    assert manifest["layers"] == LAYERS and manifest["model"] == "smollm2-135m-instruct" and manifest["hidden_size"] == 576
+    assert manifest["emotions"] == [e for e in EMOTIONS if e in manifest["emotions"]] or sorted(
+        manifest["emotions"]
+    ) == sorted(EMOTIONS)
+    assert (
+        manifest["layers"] == LAYERS
+        and manifest["model"] == "smollm2-135m-instruct"
+        and manifest["hidden_size"] == 576
+    )
     assert manifest["default_layer"] in LAYERS
     from safetensors.torch import load_file
 
@@ -68,7 +66,13 @@ def test_vectors_identify_held_out_stories(small_run):
     assert best >= 0.5, best  # 16-way, chance 6%; topics unseen in training
     assert report["summary"]["test_top5"] >= 0.8
     html = (small_run[0].out / "report.html").read_text()
-    assert "src='http" not in html and "href='http" not in html and "src=\"http" not in html and "<svg" in html and "data:image/png;base64" in html
+    assert (
+        "src='http" not in html
+        and "href='http" not in html
+        and 'src="http' not in html
+        and "<svg" in html
+        and "data:image/png;base64" in html
+    )
 
 
 def test_rerun_resumes_and_other_runs_are_refused(small_run, corpus_slice):
@@ -77,15 +81,30 @@ def test_rerun_resumes_and_other_runs_are_refused(small_run, corpus_slice):
     again = extract(config, echo=lambda m: None)
     assert (result.out / "activations" / "stories.safetensors").stat().st_mtime_ns == stamp
     assert again.report["summary"]["test_top1"] == result.report["summary"]["test_top1"]
-    other = ExtractConfig(out=result.out, layers=LAYERS, stories=config.stories, neutral=config.neutral,
-                          recipe=Recipe(token_offset=20), progress=False)
+    other = ExtractConfig(
+        out=result.out,
+        layers=LAYERS,
+        stories=config.stories,
+        neutral=config.neutral,
+        recipe=Recipe(token_offset=20),
+        progress=False,
+    )
     with pytest.raises(RunDirectoryError, match="recipe"):
         extract(other, echo=lambda m: None)
     foreign = result.out.parent / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(RunDirectoryError, match="not an emoscope run"):
-        extract(ExtractConfig(out=foreign, layers=LAYERS, stories=config.stories, neutral=config.neutral, progress=False), echo=lambda m: None)
+        extract(
+            ExtractConfig(
+                out=foreign,
+                layers=LAYERS,
+                stories=config.stories,
+                neutral=config.neutral,
+                progress=False,
+            ),
+            echo=lambda m: None,
+        )
 
 
 def test_bank_refuses_other_models(small_run, tiny_lm):
@@ -117,8 +136,12 @@ def test_interrupted_activation_run_resumes_to_the_same_result(tiny_lm, tmp_path
 
     monkeypatch.setattr(acts, "encode", crashing)
     with pytest.raises(KeyboardInterrupt):
-        text_means(lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False)
+        text_means(
+            lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False
+        )
     assert len(list((tmp_path / "ckpt").glob("chunk-*"))) == 2
     monkeypatch.setattr(acts, "encode", real)
-    resumed = text_means(lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    resumed = text_means(
+        lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False
+    )
     torch.testing.assert_close(resumed.means, full.means)

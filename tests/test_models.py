@@ -6,12 +6,11 @@ import time
 import pytest
 import torch
 
+from conftest import char_tokenizer, tiny_config
+from emoscope.batching import encode
 from emoscope.errors import MissingPackageError, UnknownModelError
 from emoscope.hooks import ResidualReader
-from emoscope.batching import encode
 from emoscope.models import EMBEDDED, MARKER, cache_root, load_model
-
-from conftest import char_tokenizer, tiny_config
 
 
 def test_unknown_name_lists_embedded_models_and_paths():

@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 
+from conftest import synthetic_bank
 from emoscope.errors import EmoscopeError
 from emoscope.generation import SamplingConfig
 from emoscope.monitor import AlertRule, AlertTracker, Monitor, load_transcript
 from emoscope.steer import Steering
-
-from conftest import synthetic_bank
 
 PROMPTS = ["the cat sat.", "a long walk by the sea at dawn.", "hi"]
 
@@ -73,7 +72,13 @@ def test_offline_modes_band_smoothing_and_display(tiny_lm):
 
 def test_alert_rules_parse_and_fire_after_n_tokens():
     rule = AlertRule.parse("desperate > 2.5 sigma for 3 tokens")
-    assert (rule.emotion, rule.threshold, rule.tokens, rule.above, rule.kind) == ("desperate", 2.5, 3, True, "z")
+    assert (rule.emotion, rule.threshold, rule.tokens, rule.above, rule.kind) == (
+        "desperate",
+        2.5,
+        3,
+        True,
+        "z",
+    )
     low = AlertRule.parse("calm<-2@5")
     assert (low.threshold, low.tokens, low.above) == (-2.0, 5, False)
     assert AlertRule.parse("gap:afraid>2").kind == "gap"
@@ -86,7 +91,9 @@ def test_alert_rules_parse_and_fire_after_n_tokens():
     for step, value in enumerate(series):
         z = torch.tensor([[0.0, value], [0.0, 0.0]])
         fired += tracker.update(z, step, active)
-    assert [(a.row, a.step) for a in fired] == [(0, 5)]  # third consecutive token above, once per run
+    assert [(a.row, a.step) for a in fired] == [
+        (0, 5)
+    ]  # third consecutive token above, once per run
 
 
 def test_alerts_and_transcripts_go_to_the_log(tiny_lm, tmp_path):
@@ -95,12 +102,21 @@ def test_alerts_and_transcripts_go_to_the_log(tiny_lm, tmp_path):
     monitor = Monitor(lm, bank, layers=2)
     log = tmp_path / "alerts.jsonl"
     calls = []
-    out = monitor.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=4, stop_at_eos=False),
-                           alerts=["happy > -100 for 2 tokens"], log=log, chat=False)
+    out = monitor.generate(
+        PROMPTS[:2],
+        SamplingConfig(max_new_tokens=4, stop_at_eos=False),
+        alerts=["happy > -100 for 2 tokens"],
+        log=log,
+        chat=False,
+    )
     records = [json.loads(line) for line in log.read_text().splitlines()]
     alerts = [r for r in records if r["type"] == "alert"]
     transcripts = [r for r in records if r["type"] == "transcript"]
-    assert len(alerts) == 2 and {a["row"] for a in alerts} == {0, 1} and all(a["step"] == 1 for a in alerts)
+    assert (
+        len(alerts) == 2
+        and {a["row"] for a in alerts} == {0, 1}
+        and all(a["step"] == 1 for a in alerts)
+    )
     assert len(transcripts) == 2 and transcripts[0]["response"] == out[0].text
     assert out[0].concealment is not None and set(out[0].concealment["gap"]) == set(bank.emotions)
     assert not calls
@@ -109,7 +125,10 @@ def test_alerts_and_transcripts_go_to_the_log(tiny_lm, tmp_path):
 def test_transcript_roles_and_bad_files(tiny_lm, tmp_path):
     lm = tiny_lm("llama")
     monitor = Monitor(lm, synthetic_bank(lm), layers=1)
-    turns = [{"role": "user", "content": "where is it?"}, {"role": "assistant", "content": "it is here."}]
+    turns = [
+        {"role": "user", "content": "where is it?"},
+        {"role": "assistant", "content": "it is here."},
+    ]
     readout = monitor.score(turns)
     assert {"user", "assistant", "format"} <= set(readout.roles)
     assert readout.mean("assistant").shape == (4,)

@@ -3,13 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import synthetic_bank
 from emoscope.batching import encode
 from emoscope.errors import EmoscopeError, UnknownEmotionError
 from emoscope.generation import SamplingConfig
 from emoscope.hooks import ResidualReader
 from emoscope.steer import Steerer, Steering, steering_vectors
-
-from conftest import synthetic_bank
 
 PROMPTS = ["the cat sat.", "a long walk by the sea at dawn.", "hi"]
 
@@ -30,10 +29,15 @@ def test_steering_adds_exactly_at_chosen_layer(tiny_lm):
     batch = encode(lm.tokenizer, PROMPTS)
     with ResidualReader(lm.model, lm.adapter, [1]) as base:
         base.run(**batch.inputs())
-    with steerer.apply(Steering({"calm": 0.5}, [1]), batch), ResidualReader(lm.model, lm.adapter, [1]) as steered:
+    with (
+        steerer.apply(Steering({"calm": 0.5}, [1]), batch),
+        ResidualReader(lm.model, lm.adapter, [1]) as steered,
+    ):
         steered.run(**batch.inputs())
     delta = steered.last(1) - base.last(1)
-    torch.testing.assert_close(delta, (0.5 * 2.0 * bank.vector("calm", 1)).expand_as(delta), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        delta, (0.5 * 2.0 * bank.vector("calm", 1)).expand_as(delta), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "response", (2, 9)])
@@ -56,7 +60,10 @@ def test_response_steering_leaves_the_prompt_alone(tiny_lm):
     batch = encode(lm.tokenizer, PROMPTS)
     with ResidualReader(lm.model, lm.adapter, [2]) as base:
         base.run(**batch.inputs())
-    with steerer.apply(Steering({"happy": 1.0}, [1], "response"), batch), ResidualReader(lm.model, lm.adapter, [2]) as steered:
+    with (
+        steerer.apply(Steering({"happy": 1.0}, [1], "response"), batch),
+        ResidualReader(lm.model, lm.adapter, [2]) as steered,
+    ):
         steered.run(**batch.inputs())
     torch.testing.assert_close(steered.last(2), base.last(2))
 

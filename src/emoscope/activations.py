@@ -26,7 +26,9 @@ DEFAULT_TOKEN_OFFSET = 50
 DEFAULT_BATCH_TOKENS = 4096
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file so that readers only ever see a complete one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
@@ -70,7 +72,9 @@ def averaging_weights(
     return weights, short
 
 
-def _masked_mean_transform(weights_ref: dict[str, torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+def _masked_mean_transform(
+    weights_ref: dict[str, torch.Tensor],
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
     def transform(_layer: int, hidden: torch.Tensor) -> torch.Tensor:
         w = weights_ref["w"].to(hidden.dtype)
         total = (hidden * w.unsqueeze(-1)).sum(dim=1)
@@ -91,7 +95,9 @@ def _special_prefix_count(tokenizer: Any, add_special_tokens: bool) -> int:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="text", disable=not enabled, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total, desc=desc, unit="text", disable=not enabled, dynamic_ncols=True, leave=False
+    )
 
 
 def text_means(
@@ -113,7 +119,10 @@ def text_means(
     """
     layers = list(range(lm.n_layers)) if layers is None else lm.check_layers(layers)
     tokenizer = lm.tokenizer
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    ]
     prefix = _special_prefix_count(tokenizer, add_special_tokens)
     n = len(texts)
     means = torch.zeros(n, len(layers), lm.hidden_size)
@@ -125,14 +134,24 @@ def text_means(
         for chunk in sorted(checkpoint_dir.glob("chunk-*.safetensors")):
             data = load_file(str(chunk))
             index = data["index"]
-            means[index], n_tokens[index], short[index] = data["means"], data["n_tokens"], data["short"].bool()
+            means[index], n_tokens[index], short[index] = (
+                data["means"],
+                data["n_tokens"],
+                data["short"].bool(),
+            )
             done[index] = True
-    batches = [b for b in length_sorted_batches(lengths, max_batch, max_batch_tokens) if not done[b].all()]
+    batches = [
+        b for b in length_sorted_batches(lengths, max_batch, max_batch_tokens) if not done[b].all()
+    ]
     weights_ref: dict[str, torch.Tensor] = {}
     bar = _progress(n, desc, progress)
     bar.update(int(done.sum()))
     with ResidualReader(
-        lm.model, lm.adapter, layers, transform=_masked_mean_transform(weights_ref), stop_after_last=True
+        lm.model,
+        lm.adapter,
+        layers,
+        transform=_masked_mean_transform(weights_ref),
+        stop_after_last=True,
     ) as reader:
         for number, items in enumerate(batches):
             batch = encode(tokenizer, [texts[i] for i in items], lm.device, add_special_tokens)
@@ -148,7 +167,12 @@ def text_means(
             short[index] = row_short.cpu()
             if checkpoint_dir is not None:
                 atomic_save(
-                    {"index": index, "means": batch_means, "n_tokens": n_tokens[index], "short": short[index].to(torch.uint8)},
+                    {
+                        "index": index,
+                        "means": batch_means,
+                        "n_tokens": n_tokens[index],
+                        "short": short[index].to(torch.uint8),
+                    },
                     checkpoint_dir / f"chunk-{min(items):06d}-{number:05d}.safetensors",
                 )
             bar.update(len(items))
@@ -235,9 +259,14 @@ def neutral_moments(
         per_text[state["items"], i] = ((h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)).float().cpu()
         return torch.empty(0)
 
-    lengths = [len(ids) for ids in lm.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in lm.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    ]
     bar = _progress(len(texts), "neutral activations", progress)
-    with ResidualReader(lm.model, lm.adapter, layers, transform=transform, stop_after_last=True) as reader:
+    with ResidualReader(
+        lm.model, lm.adapter, layers, transform=transform, stop_after_last=True
+    ) as reader:
         for items in length_sorted_batches(lengths, max_batch, max_batch_tokens):
             batch = encode(lm.tokenizer, [texts[i] for i in items], lm.device, add_special_tokens)
             column = torch.arange(batch.width, device=batch.input_ids.device).unsqueeze(0)
@@ -272,7 +301,12 @@ def save_neutral_moments(m: NeutralMoments, path: Path) -> None:
 def load_neutral_moments(path: Path) -> NeutralMoments:
     d = load_file(str(path))
     return NeutralMoments(
-        d["layers"].tolist(), int(d["count"][0]), d["mean"], d["cov"], d["mean_norm"], d["text_means"]
+        d["layers"].tolist(),
+        int(d["count"][0]),
+        d["mean"],
+        d["cov"],
+        d["mean_norm"],
+        d["text_means"],
     )
 
 
@@ -295,11 +329,15 @@ def positions_readout(
     def transform(_layer: int, h: torch.Tensor) -> torch.Tensor:
         return h[torch.arange(h.shape[0], device=h.device), state["cols"]].float().cpu()
 
-    with ResidualReader(lm.model, lm.adapter, layers, transform=transform, stop_after_last=True) as reader:
+    with ResidualReader(
+        lm.model, lm.adapter, layers, transform=transform, stop_after_last=True
+    ) as reader:
         for start in range(0, len(texts), max_batch):
             items = list(range(start, min(start + max_batch, len(texts))))
             batch = encode(lm.tokenizer, [texts[i] for i in items], lm.device, add_special_tokens)
-            state["cols"] = batch.padding + torch.tensor([positions[i] for i in items], device=batch.input_ids.device)
+            state["cols"] = batch.padding + torch.tensor(
+                [positions[i] for i in items], device=batch.input_ids.device
+            )
             reader.clear()
             reader.run(**batch.inputs())
             out[items] = torch.stack([reader.last(layer) for layer in layers], dim=1)

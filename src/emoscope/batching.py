@@ -69,7 +69,9 @@ def encode(
     return Batch(enc["input_ids"].to(device), mask, position_ids(mask))
 
 
-def from_token_lists(token_lists: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+def from_token_lists(
+    token_lists: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> Batch:
     """A left-padded batch from already-tokenised rows."""
     width = max(len(t) for t in token_lists)
     ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
@@ -82,7 +84,9 @@ def from_token_lists(token_lists: Sequence[Sequence[int]], pad_id: int, device: 
     return Batch(ids.to(device), mask, position_ids(mask))
 
 
-def length_sorted_batches(lengths: Sequence[int], max_batch: int, max_tokens: int | None = None) -> list[list[int]]:
+def length_sorted_batches(
+    lengths: Sequence[int], max_batch: int, max_tokens: int | None = None
+) -> list[list[int]]:
     """Group item indices by similar length so padding wastes little compute."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
@@ -90,7 +94,8 @@ def length_sorted_batches(lengths: Sequence[int], max_batch: int, max_tokens: in
     for i in order:
         width = max([lengths[j] for j in current] + [lengths[i]])
         if current and (
-            len(current) >= max_batch or (max_tokens is not None and width * (len(current) + 1) > max_tokens)
+            len(current) >= max_batch
+            or (max_tokens is not None and width * (len(current) + 1) > max_tokens)
         ):
             batches.append(current)
             current = []

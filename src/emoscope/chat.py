@@ -51,7 +51,9 @@ class ChatText:
         return {
             "assistant_colon": _token_ending_before(offsets, self.assistant_start),
             "last_user_token": (
-                None if self.last_user_end is None else _token_ending_before(offsets, self.last_user_end)
+                None
+                if self.last_user_end is None
+                else _token_ending_before(offsets, self.last_user_end)
             ),
         }
 
@@ -69,13 +71,19 @@ def _check(turns: Sequence[dict[str, str]]) -> None:
     if not turns:
         raise EmoscopeError("A conversation needs at least one turn.")
     for n, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+        if (
+            not isinstance(turn, dict)
+            or turn.get("role") not in ROLES
+            or not isinstance(turn.get("content"), str)
+        ):
             raise EmoscopeError(
                 f"Turn {n} must be an object with 'role' ({', '.join(ROLES)}) and string 'content'; got {turn!r}."
             )
 
 
-def format_plain(turns: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> tuple[str, int | None]:
+def format_plain(
+    turns: Sequence[dict[str, str]], add_generation_prompt: bool = True
+) -> tuple[str, int | None]:
     """``Human: ...\\n\\nAssistant: ...`` framing; returns the text and the last user end offset."""
     parts: list[str] = []
     text = ""

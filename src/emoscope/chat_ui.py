@@ -28,7 +28,12 @@ def bar(emotions: list[str], z: torch.Tensor, width: int = 10) -> str:
     parts = []
     for i, (e, v) in enumerate(zip(emotions, z.tolist())):
         filled = max(0, min(width, round(v / 4 * width)))
-        parts.append(colour(f"{e[:9]:>9} {'#' * filled}{'.' * (width - filled)} {v:+.1f}", COLOURS[i % len(COLOURS)]))
+        parts.append(
+            colour(
+                f"{e[:9]:>9} {'#' * filled}{'.' * (width - filled)} {v:+.1f}",
+                COLOURS[i % len(COLOURS)],
+            )
+        )
     return "  ".join(parts)
 
 
@@ -69,7 +74,11 @@ def run_chat(lm: Any, bank: Any, args: argparse.Namespace, steering: Steering | 
             n += 1
             piece = decoder.push(int(step.tokens[0]))
             strongest = int(z.argmax())
-            text = colour(piece, COLOURS[strongest % len(COLOURS)], bold=float(z[strongest]) > 2) if tty and float(z[strongest]) > 1 else piece
+            text = (
+                colour(piece, COLOURS[strongest % len(COLOURS)], bold=float(z[strongest]) > 2)
+                if tty and float(z[strongest]) > 1
+                else piece
+            )
             sys.stdout.write(text)
             if live:
                 sys.stdout.write("\x1b7\n\r\x1b[K" + bar(monitor.emotions, z) + "\x1b8")
@@ -79,8 +88,22 @@ def run_chat(lm: Any, bank: Any, args: argparse.Namespace, steering: Steering | 
         history.append({"role": "assistant", "content": decoder.text})
         mean = total / max(n, 1)
         sys.stdout.write(("\x1b7\n\r\x1b[K\x1b8" if live else "") + "\n")
-        print("  mean: " + bar(monitor.emotions, mean) if tty else "  mean z: " + ", ".join(f"{e} {v:+.2f}" for e, v in zip(monitor.emotions, mean.tolist())))
+        print(
+            "  mean: " + bar(monitor.emotions, mean)
+            if tty
+            else "  mean z: "
+            + ", ".join(f"{e} {v:+.2f}" for e, v in zip(monitor.emotions, mean.tolist()))
+        )
         if args.log:
             from emoscope.corpus.records import append_jsonl
 
-            append_jsonl(args.log, [{"type": "transcript", "turns": list(history), "mean_z": dict(zip(monitor.emotions, mean.tolist()))}])
+            append_jsonl(
+                args.log,
+                [
+                    {
+                        "type": "transcript",
+                        "turns": list(history),
+                        "mean_z": dict(zip(monitor.emotions, mean.tolist())),
+                    }
+                ],
+            )

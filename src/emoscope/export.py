@@ -24,14 +24,18 @@ from emoscope.vectors import EmotionVectors
 ARCH = "controlvector"
 
 
-def write_control_vector(path: Path | str, vectors: Mapping[int, torch.Tensor], model_hint: str) -> Path:
+def write_control_vector(
+    path: Path | str, vectors: Mapping[int, torch.Tensor], model_hint: str
+) -> Path:
     """Write ``{layer: vector}`` as a llama.cpp control-vector GGUF file."""
     from gguf import GGUFWriter
 
     if not vectors:
         raise EmoscopeError("Nothing to export: no layers selected.")
     if min(vectors) < 1:
-        raise EmoscopeError("llama.cpp cannot steer layer 0 (direction.0 is invalid); choose layers >= 1.")
+        raise EmoscopeError(
+            "llama.cpp cannot steer layer 0 (direction.0 is invalid); choose layers >= 1."
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -39,7 +43,9 @@ def write_control_vector(path: Path | str, vectors: Mapping[int, torch.Tensor], 
     writer.add_string(f"{ARCH}.model_hint", model_hint)
     writer.add_uint32(f"{ARCH}.layer_count", len(vectors))
     for layer in sorted(vectors):
-        writer.add_tensor(f"direction.{layer}", vectors[layer].detach().float().cpu().numpy().astype(np.float32))
+        writer.add_tensor(
+            f"direction.{layer}", vectors[layer].detach().float().cpu().numpy().astype(np.float32)
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -59,13 +65,23 @@ def export_emotions(
     return write_control_vector(path, vectors, str(bank.manifest.get("family", "llama")))
 
 
-def export_bank(bank: EmotionVectors, folder: Path | str, strength: float = 1.0, layers: Sequence[int] | None = None) -> list[Path]:
+def export_bank(
+    bank: EmotionVectors,
+    folder: Path | str,
+    strength: float = 1.0,
+    layers: Sequence[int] | None = None,
+) -> list[Path]:
     """One control-vector file per emotion (``folder/{emotion}.gguf``)."""
     folder = Path(folder)
-    return [export_emotions(bank, folder / f"{e.replace(' ', '_')}.gguf", {e: strength}, layers) for e in bank.emotions]
+    return [
+        export_emotions(bank, folder / f"{e.replace(' ', '_')}.gguf", {e: strength}, layers)
+        for e in bank.emotions
+    ]
 
 
-def read_control_vector(path: Path | str, hidden_size: int | None = None) -> dict[int, torch.Tensor]:
+def read_control_vector(
+    path: Path | str, hidden_size: int | None = None
+) -> dict[int, torch.Tensor]:
     """Read ``direction.{i}`` tensors from a llama.cpp / repeng control-vector GGUF file."""
     from gguf import GGUFReader
 
@@ -87,7 +103,9 @@ def read_control_vector(path: Path | str, hidden_size: int | None = None) -> dic
             continue
         data = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(-1))
         if hidden_size is not None and data.numel() != hidden_size:
-            raise EmoscopeError(f"{path}: {name} has {data.numel()} values; the model's hidden size is {hidden_size}.")
+            raise EmoscopeError(
+                f"{path}: {name} has {data.numel()} values; the model's hidden size is {hidden_size}."
+            )
         out[layer] = data
     if not out:
         raise EmoscopeError(f"{path} holds no direction.N tensors; it is not a control vector.")

@@ -21,7 +21,9 @@ from emoscope.concepts import EMOTIONS, _package_file, forbidden_words, human_no
 from emoscope.corpus.quality import vader_compound
 
 NRC_PACKAGE = "nrclex==4.1.0 (install with --no-deps)"
-PLUTCHIK = frozenset({"anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust"})
+PLUTCHIK = frozenset(
+    {"anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust"}
+)
 POLARITY = frozenset({"positive", "negative"})
 FULL_DENSITY = 0.03
 """Share of words carrying an emotion's categories at which it counts as fully expressed."""

@@ -32,24 +32,49 @@ from emoscope import __version__
 from emoscope.activations import (
     NeutralMoments,
     TextMeans,
+    atomic_save,
+    clear_checkpoints,
     load_neutral_moments,
     load_text_means,
     neutral_moments,
     save_neutral_moments,
     save_text_means,
     text_means,
-    atomic_save,
-    clear_checkpoints,
 )
 from emoscope.analysis import geometry
-from emoscope.analysis.layers import Accuracy, choose, cross_validated_accuracy, nearest_vector_accuracy
+from emoscope.analysis.layers import (
+    Accuracy,
+    choose,
+    cross_validated_accuracy,
+    nearest_vector_accuracy,
+)
 from emoscope.analysis.logit_lens import logit_lens
-from emoscope.analysis.prompts import assistant_start_readouts, implicit_accuracy, intensity_trend, z_scores
+from emoscope.analysis.prompts import (
+    assistant_start_readouts,
+    implicit_accuracy,
+    intensity_trend,
+    z_scores,
+)
 from emoscope.concepts import EMOTIONS, human_norms
-from emoscope.corpus.records import Dialogue, Story, corpus_sha256, load_eval_prompts, load_neutral, load_stories
+from emoscope.corpus.records import (
+    Dialogue,
+    Story,
+    corpus_sha256,
+    load_eval_prompts,
+    load_neutral,
+    load_stories,
+)
 from emoscope.errors import EmoscopeError, RunDirectoryError
 from emoscope.models import DEFAULT_MODEL, LoadedModel, load_model, preferred_dtype
-from emoscope.vectors import EmotionVectors, LayerVectors, Recipe, bank_from_parts, build_layer, covariance_of, neutral_basis
+from emoscope.vectors import (
+    EmotionVectors,
+    LayerVectors,
+    Recipe,
+    bank_from_parts,
+    build_layer,
+    covariance_of,
+    neutral_basis,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +125,20 @@ def _echo_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _run_identity(config: ExtractConfig, lm: LoadedModel, corpus_hash: str, layers: list[int]) -> dict[str, Any]:
-    return json.loads(json.dumps({
-        "model": lm.name,
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "layers": layers,
-        "corpus_sha256": corpus_hash,
-        "recipe": asdict(config.recipe),
-    }))
+def _run_identity(
+    config: ExtractConfig, lm: LoadedModel, corpus_hash: str, layers: list[int]
+) -> dict[str, Any]:
+    return json.loads(
+        json.dumps(
+            {
+                "model": lm.name,
+                "dtype": str(lm.dtype).removeprefix("torch."),
+                "layers": layers,
+                "corpus_sha256": corpus_hash,
+                "recipe": asdict(config.recipe),
+            }
+        )
+    )
 
 
 def prepare_run_dir(out: Path, identity: dict[str, Any]) -> None:
@@ -117,7 +148,9 @@ def prepare_run_dir(out: Path, identity: dict[str, Any]) -> None:
         try:
             previous = json.loads(record.read_text())
         except ValueError:
-            raise RunDirectoryError(f"{record} is unreadable; remove {out} or choose another --out.") from None
+            raise RunDirectoryError(
+                f"{record} is unreadable; remove {out} or choose another --out."
+            ) from None
         changed = [k for k in identity if previous.get(k) != identity[k]]
         if changed:
             raise RunDirectoryError(
@@ -126,7 +159,9 @@ def prepare_run_dir(out: Path, identity: dict[str, Any]) -> None:
             )
         return
     if out.exists() and any(out.iterdir()):
-        raise RunDirectoryError(f"{out} is not empty and is not an emoscope run folder; choose another --out.")
+        raise RunDirectoryError(
+            f"{out} is not empty and is not an emoscope run folder; choose another --out."
+        )
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"run.json.partial-{os.getpid()}"
     partial.write_text(json.dumps(dict(identity, emoscope_version=__version__), indent=1))
@@ -134,7 +169,12 @@ def prepare_run_dir(out: Path, identity: dict[str, Any]) -> None:
 
 
 def _neutral_texts(lm: LoadedModel, dialogues: Sequence[Dialogue]) -> tuple[list[str], bool]:
-    chats = [lm.chat([{"role": t.role, "content": t.content} for t in d.turns], add_generation_prompt=False) for d in dialogues]
+    chats = [
+        lm.chat(
+            [{"role": t.role, "content": t.content} for t in d.turns], add_generation_prompt=False
+        )
+        for d in dialogues
+    ]
     return [c.text for c in chats], chats[0].add_special_tokens
 
 
@@ -189,8 +229,10 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
     with timer.stage("load model"):
         dtype = preferred_dtype(config.device) if config.dtype == "auto" else config.dtype
         lm = load_model(config.model, dtype=dtype, device=config.device)
-        echo(f"[emoscope] {lm.name}: {lm.n_layers} layers, hidden {lm.hidden_size}, {lm.dtype}, "
-             f"{'cached' if lm.from_cache else 'first load'} in {lm.load_seconds:.1f}s")
+        echo(
+            f"[emoscope] {lm.name}: {lm.n_layers} layers, hidden {lm.hidden_size}, {lm.dtype}, "
+            f"{'cached' if lm.from_cache else 'first load'} in {lm.load_seconds:.1f}s"
+        )
     with timer.stage("load corpus"):
         stories = load_stories(config.stories)
         dialogues = load_neutral(config.neutral)
@@ -199,7 +241,11 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
         if not emotions:
             raise EmoscopeError("The story corpus is empty.")
         corpus_hash = corpus_sha256(stories, dialogues)
-        layers = list(range(lm.n_layers)) if config.layers is None else sorted(set(lm.check_layers(config.layers)))
+        layers = (
+            list(range(lm.n_layers))
+            if config.layers is None
+            else sorted(set(lm.check_layers(config.layers)))
+        )
         prepare_run_dir(out, _run_identity(config, lm, corpus_hash, layers))
     acts = out / "activations"
     with timer.stage(f"story activations ({len(stories)} stories)"):
@@ -208,9 +254,15 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             sm = load_text_means(story_file)
         else:
             sm = text_means(
-                lm, [s.text for s in stories], layers, recipe.token_offset, add_special_tokens=True,
-                max_batch_tokens=config.max_batch_tokens, checkpoint_dir=acts / "stories.ckpt",
-                progress=config.progress, desc="story activations",
+                lm,
+                [s.text for s in stories],
+                layers,
+                recipe.token_offset,
+                add_special_tokens=True,
+                max_batch_tokens=config.max_batch_tokens,
+                checkpoint_dir=acts / "stories.ckpt",
+                progress=config.progress,
+                desc="story activations",
             )
             save_text_means(sm, story_file)
             clear_checkpoints(acts / "stories.ckpt")
@@ -220,8 +272,15 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             nm = load_neutral_moments(neutral_file)
         else:
             texts, special = _neutral_texts(lm, dialogues)
-            nm = neutral_moments(lm, texts, layers, recipe.neutral_skip_first, special,
-                                 max_batch_tokens=config.max_batch_tokens, progress=config.progress)
+            nm = neutral_moments(
+                lm,
+                texts,
+                layers,
+                recipe.neutral_skip_first,
+                special,
+                max_batch_tokens=config.max_batch_tokens,
+                progress=config.progress,
+            )
             save_neutral_moments(nm, neutral_file)
     implicit = prompts["implicit"]
     intensity = prompts["intensity"]
@@ -249,12 +308,19 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
         bases = {}
         cv: dict[tuple[float, int], Accuracy] = {}
         for i, layer in enumerate(layers):
-            neutral_cov = nm.cov[i] if recipe.neutral_pca == "tokens" else covariance_of(nm.text_means[:, i])
+            neutral_cov = (
+                nm.cov[i] if recipe.neutral_pca == "tokens" else covariance_of(nm.text_means[:, i])
+            )
             bases[layer] = neutral_basis(neutral_cov, recipe, lm.hidden_size)
             for level in recipe.story_levels:
                 cv[(level, layer)] = cross_validated_accuracy(
-                    sm.means[train, i], labels[train], train_topics, len(emotions), bases[layer],
-                    recipe.with_story_variance(level), config.cv_folds,
+                    sm.means[train, i],
+                    labels[train],
+                    train_topics,
+                    len(emotions),
+                    bases[layer],
+                    recipe.with_story_variance(level),
+                    config.cv_folds,
                 )
         level, default_layer = choose(cv)
         chosen = recipe.with_story_variance(level)
@@ -268,33 +334,63 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             for name, value in _stats_for_layer(lv, nm, i, pr["neutral"][:, i]).items():
                 stats[f"{name}.{layer}"] = value
             none = Accuracy(0, 0, 0)
-            test_acc = nearest_vector_accuracy(lv.vectors, lv.mean, x[is_test], labels[is_test]) if is_test.any() else none
-            raw_acc = nearest_vector_accuracy(lv.raw, lv.mean, x[is_test], labels[is_test]) if is_test.any() else none
+            test_acc = (
+                nearest_vector_accuracy(lv.vectors, lv.mean, x[is_test], labels[is_test])
+                if is_test.any()
+                else none
+            )
+            raw_acc = (
+                nearest_vector_accuracy(lv.raw, lv.mean, x[is_test], labels[is_test])
+                if is_test.any()
+                else none
+            )
             corr = _valence_r(lv.vectors, emotions)
-            sweep.append({
-                "layer": layer, "test": _acc(test_acc), "test_raw": _acc(raw_acc), "cv_train": _acc(cv[(level, layer)]),
-                "pc1_valence_r": corr["pc1_valence"]["r"], "projected_components": lv.n_components,
-                "neutral_components": int(bases[layer].shape[1]), "residual_norm": float(nm.mean_norm[i]),
-            })
+            sweep.append(
+                {
+                    "layer": layer,
+                    "test": _acc(test_acc),
+                    "test_raw": _acc(raw_acc),
+                    "cv_train": _acc(cv[(level, layer)]),
+                    "pc1_valence_r": corr["pc1_valence"]["r"],
+                    "projected_components": lv.n_components,
+                    "neutral_components": int(bases[layer].shape[1]),
+                    "residual_norm": float(nm.mean_norm[i]),
+                }
+            )
         selection = {
             "story_variance": level,
             "grid": list(recipe.story_levels),
-            "cv_by_level": {str(lv_): max((cv[(lv_, la)].top1 + cv[(lv_, la)].top5) / 2 for la in layers) for lv_ in recipe.story_levels},
+            "cv_by_level": {
+                str(lv_): max((cv[(lv_, la)].top1 + cv[(lv_, la)].top5) / 2 for la in layers)
+                for lv_ in recipe.story_levels
+            },
         }
         recipe = chosen
-        two_thirds = layers[min(len(layers) - 1, round(2 / 3 * (lm.n_layers - 1)) - layers[0])] if layers else 0
+        two_thirds = (
+            layers[min(len(layers) - 1, round(2 / 3 * (lm.n_layers - 1)) - layers[0])]
+            if layers
+            else 0
+        )
 
     with timer.stage("validation and geometry"):
         manifest = {
-            "model": lm.name, "family": lm.adapter.family, "n_layers_model": lm.n_layers,
-            "hidden_size": lm.hidden_size, "dtype": str(lm.dtype).removeprefix("torch."),
+            "model": lm.name,
+            "family": lm.adapter.family,
+            "n_layers_model": lm.n_layers,
+            "hidden_size": lm.hidden_size,
+            "dtype": str(lm.dtype).removeprefix("torch."),
             "default_layer": default_layer,
             "default_layer_rule": "best cross-validated (train topics) top-1 + top-5, jointly with story_variance",
             "story_variance_selection": selection,
-            "two_thirds_layer": two_thirds, "steer_layer": two_thirds, "corpus_sha256": corpus_hash,
-            "n_stories_train": int(train.sum()), "n_stories_test": int(is_test.sum()),
-            "n_neutral_dialogues": len(dialogues), "neutral_tokens": nm.count,
-            "readout_mode": "centred", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "two_thirds_layer": two_thirds,
+            "steer_layer": two_thirds,
+            "corpus_sha256": corpus_hash,
+            "n_stories_train": int(train.sum()),
+            "n_stories_test": int(is_test.sum()),
+            "n_neutral_dialogues": len(dialogues),
+            "neutral_tokens": nm.count,
+            "readout_mode": "centred",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         bank = bank_from_parts(emotions, per_layer, stats, manifest, recipe)
         analysis = analyse(lm, bank, sm, stories, pr, prompts, layers, default_layer)
@@ -304,9 +400,14 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
         "emoscope_version": __version__,
         "model": lm.describe() | {"load_seconds": lm.load_seconds, "from_cache": lm.from_cache},
         "corpus": {
-            "sha256": corpus_hash, "stories": len(stories), "train": int(train.sum()), "test": int(is_test.sum()),
-            "emotions": len(emotions), "neutral_dialogues": len(dialogues),
-            "short_stories": int(sm.short.sum()), "mean_tokens_averaged": float(sm.n_tokens.float().mean()),
+            "sha256": corpus_hash,
+            "stories": len(stories),
+            "train": int(train.sum()),
+            "test": int(is_test.sum()),
+            "emotions": len(emotions),
+            "neutral_dialogues": len(dialogues),
+            "short_stories": int(sm.short.sum()),
+            "mean_tokens_averaged": float(sm.n_tokens.float().mean()),
         },
         "recipe": asdict(recipe),
         "story_variance_selection": selection,
@@ -317,11 +418,17 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
     }
     d = next(s for s in sweep if s["layer"] == default_layer)
     report["summary"] = {
-        "model": lm.name, "default_layer": default_layer,
-        "test_top1": d["test"]["top1"], "test_top5": d["test"]["top5"],
-        "cv_train_top1": d["cv_train"]["top1"], "cv_train_top5": d["cv_train"]["top5"],
+        "model": lm.name,
+        "default_layer": default_layer,
+        "test_top1": d["test"]["top1"],
+        "test_top5": d["test"]["top5"],
+        "cv_train_top1": d["cv_train"]["top1"],
+        "cv_train_top5": d["cv_train"]["top5"],
         "pc1_valence_r": analysis["geometry"]["norms"]["pc1_valence"]["r"],
-        "max_pc23_arousal_r": max(abs(analysis["geometry"]["norms"]["pc2_arousal"]["r"]), abs(analysis["geometry"]["norms"]["pc3_arousal"]["r"])),
+        "max_pc23_arousal_r": max(
+            abs(analysis["geometry"]["norms"]["pc2_arousal"]["r"]),
+            abs(analysis["geometry"]["norms"]["pc3_arousal"]["r"]),
+        ),
         "implicit_accuracy": analysis["implicit"]["z_scored"]["accuracy"],
         "intensity_directions_held": analysis["intensity"]["held"],
         "intensity_directions_total": analysis["intensity"]["total"],
@@ -350,8 +457,6 @@ def analyse(
     li = layers.index(layer)
     emotions = bank.emotions
     vectors = bank.vectors[layer]
-    mean = bank.stat("mean", layer)
-
     # Implicit prompts: the target among the 12 targets, raw centred and z-scored against neutral prompts.
     targets = [t for t in prompts["implicit_targets"] if t in emotions]
     rows = torch.tensor([emotions.index(t) for t in targets])
@@ -361,14 +466,32 @@ def analyse(
     implicit_by_layer = []
     for lj, lay in enumerate(layers):
         scores = bank.scores(implicit_readouts[:, lj], lay)[:, rows]
-        z = z_scores(scores, bank.stat("prompt_score_mean", lay)[rows], bank.stat("prompt_score_std", lay)[rows])
-        implicit_by_layer.append({"layer": lay, "z_scored": implicit_accuracy(z, targets, labels)["accuracy"],
-                                  "centred": implicit_accuracy(scores, targets, labels)["accuracy"]})
+        z = z_scores(
+            scores,
+            bank.stat("prompt_score_mean", lay)[rows],
+            bank.stat("prompt_score_std", lay)[rows],
+        )
+        implicit_by_layer.append(
+            {
+                "layer": lay,
+                "z_scored": implicit_accuracy(z, targets, labels)["accuracy"],
+                "centred": implicit_accuracy(scores, targets, labels)["accuracy"],
+            }
+        )
     scores = bank.scores(implicit_readouts[:, li], layer)[:, rows]
-    z = z_scores(scores, bank.stat("prompt_score_mean", layer)[rows], bank.stat("prompt_score_std", layer)[rows])
-    implicit = {"targets": targets, "layer": layer, "z_scored": implicit_accuracy(z, targets, labels),
-                "centred": implicit_accuracy(scores, targets, labels), "by_layer": implicit_by_layer,
-                "prompts": [prompts["implicit"][i]["text"] for i in usable]}
+    z = z_scores(
+        scores,
+        bank.stat("prompt_score_mean", layer)[rows],
+        bank.stat("prompt_score_std", layer)[rows],
+    )
+    implicit = {
+        "targets": targets,
+        "layer": layer,
+        "z_scored": implicit_accuracy(z, targets, labels),
+        "centred": implicit_accuracy(scores, targets, labels),
+        "by_layer": implicit_by_layer,
+        "prompts": [prompts["implicit"][i]["text"] for i in usable],
+    }
 
     # Intensity templates: Spearman of each expected emotion's readout with the number.
     templates = []
@@ -382,11 +505,15 @@ def analyse(
         for emotion, direction in t["expected"].items():
             if emotion not in emotions:
                 continue
-            trend = intensity_trend(t["values"], readouts[:, emotions.index(emotion)].tolist(), direction)
+            trend = intensity_trend(
+                t["values"], readouts[:, emotions.index(emotion)].tolist(), direction
+            )
             trends[emotion] = trend
             held += trend["holds"]
             total += 1
-        templates.append({"id": t["id"], "template": t["template"], "values": t["values"], "trends": trends})
+        templates.append(
+            {"id": t["id"], "template": t["template"], "values": t["values"], "trends": trends}
+        )
     intensity = {"layer": layer, "templates": templates, "held": held, "total": total}
 
     # Geometry.
@@ -396,12 +523,21 @@ def analyse(
     p = geometry.pca(vectors, k=5)
     norms = human_norms(emotions)
     corr = geometry.norm_correlations(p.scores, emotions, norms)
-    rsa_layers = layers if len(layers) <= 14 else [layers[int(round(i))] for i in np.linspace(0, len(layers) - 1, 14)]
-    rsa_l, rsa = geometry.representational_similarity({lay: geometry.cosine_matrix(bank.vectors[lay]) for lay in rsa_layers})
+    rsa_layers = (
+        layers
+        if len(layers) <= 14
+        else [layers[round(i)] for i in np.linspace(0, len(layers) - 1, 14)]
+    )
+    rsa_l, rsa = geometry.representational_similarity(
+        {lay: geometry.cosine_matrix(bank.vectors[lay]) for lay in rsa_layers}
+    )
     by_cluster: dict[int, list[str]] = {}
     for e, c in zip(emotions, clusters):
         by_cluster.setdefault(c, []).append(e)
-    valence_of = {c: float(np.mean([norms[e].valence for e in m if e in norms] or [5.0])) for c, m in by_cluster.items()}
+    valence_of = {
+        c: float(np.mean([norms[e].valence for e in m if e in norms] or [5.0]))
+        for c, m in by_cluster.items()
+    }
     geometry_report = {
         "layer": layer,
         "cosine_order": [emotions[i] for i in order],
@@ -409,7 +545,9 @@ def analyse(
         "pca_scores": {e: p.scores[i, :3].tolist() for i, e in enumerate(emotions)},
         "norms": corr,
         "n_rated": len(norms),
-        "clusters": [sorted(by_cluster[c]) for c in sorted(by_cluster, key=lambda c: -valence_of[c])],
+        "clusters": [
+            sorted(by_cluster[c]) for c in sorted(by_cluster, key=lambda c: -valence_of[c])
+        ],
         "nearest": geometry.nearest_neighbours(sim, emotions, 3),
         "rsa_layers": rsa_l,
         "rsa": rsa.tolist(),
@@ -429,7 +567,9 @@ def analyse(
     }
 
 
-def _per_emotion_test(bank: EmotionVectors, sm: TextMeans, stories: Sequence[Story], layers: list[int], layer: int) -> dict[str, Any]:
+def _per_emotion_test(
+    bank: EmotionVectors, sm: TextMeans, stories: Sequence[Story], layers: list[int], layer: int
+) -> dict[str, Any]:
     """Rank of the true emotion for each test story, summarised per emotion."""
     test = [i for i, s in enumerate(stories) if s.split == "test"]
     if not test:

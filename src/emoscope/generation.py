@@ -73,7 +73,9 @@ def _accepts_logits_to_keep(model: Any) -> bool:
         return False
 
 
-def _pick(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     if config.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / config.temperature, dim=-1)
@@ -146,7 +148,9 @@ def generate(
     config = config or SamplingConfig()
     batch = encode(lm.tokenizer, prompts, lm.device, add_special_tokens=add_special_tokens)
     rows = collect(
-        decode_steps(lm.model, batch, config, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id or 0),
+        decode_steps(
+            lm.model, batch, config, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id or 0
+        ),
         batch.size,
     )
     texts = [lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]

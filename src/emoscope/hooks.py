@@ -14,7 +14,7 @@ Two context managers cover all uses, and both always remove their hooks, also on
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +88,12 @@ FAMILIES: dict[str, ArchitectureAdapter] = {
         ArchitectureAdapter("phi3", _DECODER, _NORM),
         ArchitectureAdapter("olmo2", _DECODER, _NORM),
         ArchitectureAdapter("gpt2", ("transformer.h",), ("transformer.ln_f",)),
-        ArchitectureAdapter("gpt-neox", ("gpt_neox.layers",), ("gpt_neox.final_layer_norm",), ("embed_out", "lm_head")),
+        ArchitectureAdapter(
+            "gpt-neox",
+            ("gpt_neox.layers",),
+            ("gpt_neox.final_layer_norm",),
+            ("embed_out", "lm_head"),
+        ),
     )
 }
 
@@ -211,11 +216,8 @@ class ResidualReader:
 
     def run(self, **inputs: Any) -> None:
         """One forward pass (no gradients, no cache); returns early when ``stop_after_last``."""
-        with torch.inference_mode():
-            try:
-                self.model(**inputs, use_cache=False)
-            except _StopForward:
-                pass
+        with torch.inference_mode(), suppress(_StopForward):
+            self.model(**inputs, use_cache=False)
 
     def last(self, layer: int) -> torch.Tensor:
         return self.readings[layer][-1]
@@ -243,7 +245,11 @@ class PassTracker:
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         cache = kwargs.get("past_key_values")
-        self.start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.start = (
+            int(cache.get_seq_length())
+            if cache is not None and hasattr(cache, "get_seq_length")
+            else 0
+        )
         self.length = int(tokens.shape[1]) if tokens is not None else None
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -243,7 +244,12 @@ def _dequantise_to_cache(gguf: Path, folder: Path) -> None:
     """Load a GGUF through transformers once and store it as an ordinary HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("Dequantising %s (first load only)", gguf.name)
+    _quiet_transformers()
+    print(
+        f"[emoscope] first load of {gguf.name}: dequantising once into the cache (~15-45 s)",
+        file=sys.stderr,
+        flush=True,
+    )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".building-", dir=folder.parent))
     try:
@@ -268,11 +274,20 @@ def _dequantise_to_cache(gguf: Path, folder: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _quiet_transformers() -> None:
+    """emoscope shows its own progress; transformers' per-load bars and notices are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _from_folder(
     folder: Path | str, dtype: torch.dtype | str, device: str, **kwargs: Any
 ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     placement: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement, **kwargs)
@@ -357,7 +372,9 @@ def load_model(
         entry = EMBEDDED[name_or_path]
         gguf = _embedded_gguf(entry)
         version = importlib.metadata.version(entry.package.split("==")[0])
-        model, tokenizer, from_cache = _load_gguf(gguf, f"{entry.name}-{version}", torch_dtype, device)
+        model, tokenizer, from_cache = _load_gguf(
+            gguf, f"{entry.name}-{version}", torch_dtype, device
+        )
         name, source = entry.name, f"{entry.package} ({gguf.name})"
     elif path.suffix == ".gguf":
         if not path.exists():

@@ -57,7 +57,16 @@ class Readout:
             return torch.nn.functional.conv1d(padded, kernel).squeeze(1).T
 
         z = smooth(self.z) if self.z is not None else None
-        return Readout(self.emotions, self.tokens, self.token_ids, smooth(self.scores), z, self.layers, self.mode, self.roles)
+        return Readout(
+            self.emotions,
+            self.tokens,
+            self.token_ids,
+            smooth(self.scores),
+            z,
+            self.layers,
+            self.mode,
+            self.roles,
+        )
 
     def display(self) -> torch.Tensor:
         """The paper's display scaling: divide by the 99th percentile of |score| on this text."""
@@ -67,7 +76,10 @@ class Readout:
     def top(self, k: int = 3, use_z: bool = True) -> list[list[tuple[str, float]]]:
         values = self.z if use_z and self.z is not None else self.scores
         best = values.topk(min(k, values.shape[1]), dim=1)
-        return [[(self.emotions[int(i)], float(v)) for v, i in zip(vals, idx)] for vals, idx in zip(best.values, best.indices)]
+        return [
+            [(self.emotions[int(i)], float(v)) for v, i in zip(vals, idx)]
+            for vals, idx in zip(best.values, best.indices)
+        ]
 
     def mean(self, role: str | None = None, use_z: bool = True) -> torch.Tensor:
         values = self.z if use_z and self.z is not None else self.scores
@@ -145,19 +157,30 @@ class Alert:
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "alert", "rule": self.rule, "row": self.row, "step": self.step,
-                "emotion": self.emotion, "value": round(self.value, 4), "time": self.time}
+        return {
+            "type": "alert",
+            "rule": self.rule,
+            "row": self.row,
+            "step": self.step,
+            "emotion": self.emotion,
+            "value": round(self.value, 4),
+            "time": self.time,
+        }
 
 
 class AlertTracker:
     """Run-length counting of rule conditions for a whole batch at once (tensor ops per step)."""
 
-    def __init__(self, rules: Sequence[AlertRule], emotions: Sequence[str], batch_size: int) -> None:
+    def __init__(
+        self, rules: Sequence[AlertRule], emotions: Sequence[str], batch_size: int
+    ) -> None:
         self.rules = [r for r in rules if r.kind == "z"]
         for r in self.rules:
             if r.emotion not in emotions:
                 raise EmoscopeError(f"Alert rule on '{r.emotion}', which is not being monitored.")
-        self.index = torch.tensor([list(emotions).index(r.emotion) for r in self.rules], dtype=torch.long)
+        self.index = torch.tensor(
+            [list(emotions).index(r.emotion) for r in self.rules], dtype=torch.long
+        )
         self.threshold = torch.tensor([r.threshold for r in self.rules])
         self.sign = torch.tensor([1.0 if r.above else -1.0 for r in self.rules])
         self.needed = torch.tensor([r.tokens for r in self.rules])
@@ -249,16 +272,26 @@ class Monitor:
         if mode not in READOUT_MODES:
             raise EmoscopeError(f"Unknown readout mode '{mode}' (use {', '.join(READOUT_MODES)}).")
         self.lm, self.mode = lm, mode
-        band = [layers] if isinstance(layers, int) else list(layers) if layers is not None else [bank.default_layer]
+        band = (
+            [layers]
+            if isinstance(layers, int)
+            else list(layers)
+            if layers is not None
+            else [bank.default_layer]
+        )
         self.layers = [bank.check_layer(layer) for layer in band]
         names = resolve_emotions(emotions) if emotions is not None else list(bank.emotions)
         self.full_bank = bank
         self.bank = bank.subset(names, self.layers)
         self.emotions = self.bank.emotions
         device = lm.device
-        self._v = {layer: self.bank.vectors[layer].to(device, torch.float32) for layer in self.layers}
+        self._v = {
+            layer: self.bank.vectors[layer].to(device, torch.float32) for layer in self.layers
+        }
         self._centre = {
-            layer: self.bank.stat("mean", layer).to(device) if mode == "centred" else torch.zeros(self.bank.hidden_size, device=device)
+            layer: self.bank.stat("mean", layer).to(device)
+            if mode == "centred"
+            else torch.zeros(self.bank.hidden_size, device=device)
             for layer in self.layers
         }
         self._z = self._z_stats() if mode != "cosine" else None
@@ -283,15 +316,24 @@ class Monitor:
             scores = scores / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         return scores
 
-    def _combine(self, reader: ResidualReader, select: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _combine(
+        self, reader: ResidualReader, select: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         scores = torch.stack([select(reader.last(layer)) for layer in self.layers]).mean(dim=0)
         if self._z is None:
             return scores, None
-        z = torch.stack([(select(reader.last(layer)) - self._z[layer][0]) / self._z[layer][1] for layer in self.layers]).mean(dim=0)
+        z = torch.stack(
+            [
+                (select(reader.last(layer)) - self._z[layer][0]) / self._z[layer][1]
+                for layer in self.layers
+            ]
+        ).mean(dim=0)
         return scores, z
 
     def reader(self) -> ResidualReader:
-        return ResidualReader(self.lm.model, self.lm.adapter, self.layers, transform=self._transform)
+        return ResidualReader(
+            self.lm.model, self.lm.adapter, self.layers, transform=self._transform
+        )
 
     # ----- offline -------------------------------------------------------------------------
 
@@ -301,14 +343,26 @@ class Monitor:
 
     def score_tokens(self, token_ids: Sequence[int]) -> Readout:
         """Per-token readout of an already tokenised sequence (e.g. a prompt plus its reply)."""
-        batch = from_token_lists([list(token_ids)], self.lm.tokenizer.pad_token_id or 0, self.lm.device)
+        batch = from_token_lists(
+            [list(token_ids)], self.lm.tokenizer.pad_token_id or 0, self.lm.device
+        )
         with self.reader() as reader:
             reader.run(**batch.inputs())
             scores, z = self._combine(reader, lambda x: x[0])
         tokens = [self.lm.tokenizer.decode([i]) for i in token_ids]
-        return Readout(self.emotions, tokens, list(token_ids), scores.cpu(), None if z is None else z.cpu(), self.layers, self.mode)
+        return Readout(
+            self.emotions,
+            tokens,
+            list(token_ids),
+            scores.cpu(),
+            None if z is None else z.cpu(),
+            self.layers,
+            self.mode,
+        )
 
-    def score_many(self, texts: Sequence[str | Sequence[dict[str, str]]], style: str = "auto") -> list[Readout]:
+    def score_many(
+        self, texts: Sequence[str | Sequence[dict[str, str]]], style: str = "auto"
+    ) -> list[Readout]:
         prepared = [self._prepare(t, style) for t in texts]
         out: list[Readout] = []
         for text, special, roles in prepared:
@@ -318,11 +372,23 @@ class Monitor:
                 scores, z = self._combine(reader, lambda x: x[0])
             ids = batch.input_ids[0].tolist()
             tokens = [self.lm.tokenizer.decode([i]) for i in ids]
-            out.append(Readout(self.emotions, tokens, ids, scores.cpu(), None if z is None else z.cpu(), self.layers, self.mode,
-                               roles(ids) if roles else None))
+            out.append(
+                Readout(
+                    self.emotions,
+                    tokens,
+                    ids,
+                    scores.cpu(),
+                    None if z is None else z.cpu(),
+                    self.layers,
+                    self.mode,
+                    roles(ids) if roles else None,
+                )
+            )
         return out
 
-    def _prepare(self, item: str | Sequence[dict[str, str]], style: str) -> tuple[str, bool, Callable[[list[int]], list[str]] | None]:
+    def _prepare(
+        self, item: str | Sequence[dict[str, str]], style: str
+    ) -> tuple[str, bool, Callable[[list[int]], list[str]] | None]:
         if isinstance(item, str):
             return item, True, None
         turns = list(item)
@@ -339,7 +405,9 @@ class Monitor:
                 cursor = end
 
         def roles(_ids: list[int]) -> list[str]:
-            offsets = tokenizer(chat.text, add_special_tokens=chat.add_special_tokens, return_offsets_mapping=True)["offset_mapping"]
+            offsets = tokenizer(
+                chat.text, add_special_tokens=chat.add_special_tokens, return_offsets_mapping=True
+            )["offset_mapping"]
             out = []
             for a, b in offsets:
                 role = "format"
@@ -391,7 +459,12 @@ class Monitor:
     def encode(self, prompts: Sequence[str], chat: bool = True) -> Batch:
         if chat:
             chats = [self.lm.chat([{"role": "user", "content": p}]) for p in prompts]
-            return encode(self.lm.tokenizer, [c.text for c in chats], self.lm.device, chats[0].add_special_tokens)
+            return encode(
+                self.lm.tokenizer,
+                [c.text for c in chats],
+                self.lm.device,
+                chats[0].add_special_tokens,
+            )
         return encode(self.lm.tokenizer, list(prompts), self.lm.device)
 
     def generate(
@@ -425,8 +498,14 @@ class Monitor:
         for i, prompt in enumerate(prompts):
             text = self.lm.tokenizer.decode(rows[i], skip_special_tokens=True)
             z = torch.stack(zs[i]) if zs[i] else None
-            gen = MonitoredGeneration(prompt, text, rows[i], torch.stack(scores[i]) if scores[i] else torch.zeros(0, len(self.emotions)),
-                                      z, [a for a in fired if a.row == i])
+            gen = MonitoredGeneration(
+                prompt,
+                text,
+                rows[i],
+                torch.stack(scores[i]) if scores[i] else torch.zeros(0, len(self.emotions)),
+                z,
+                [a for a in fired if a.row == i],
+            )
             if z is not None and len(z):
                 gen.concealment = self.concealment(z.mean(dim=0), text)
                 for rule in (r for r in rules if r.kind == "gap"):
@@ -454,7 +533,9 @@ class Monitor:
         }
 
 
-def transcript_record(gen: MonitoredGeneration, row: int, emotions: Sequence[str]) -> dict[str, Any]:
+def transcript_record(
+    gen: MonitoredGeneration, row: int, emotions: Sequence[str]
+) -> dict[str, Any]:
     peak = gen.z.max(dim=0).values if gen.z is not None and len(gen.z) else None
     return {
         "type": "transcript",
@@ -481,6 +562,12 @@ def load_transcript(path: Path | str) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
         raise EmoscopeError(f"{path}: expected a list of turns or an object with 'turns'.")
     for n, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) or turn.get("role") not in ("system", "user", "assistant"):
-            raise EmoscopeError(f"{path}: turn {n} must have role system/user/assistant and string content; got {turn!r}.")
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("content"), str)
+            or turn.get("role") not in ("system", "user", "assistant")
+        ):
+            raise EmoscopeError(
+                f"{path}: turn {n} must have role system/user/assistant and string content; got {turn!r}."
+            )
     return turns

@@ -18,7 +18,14 @@ import torch
 from emoscope.batching import Batch, encode
 from emoscope.errors import EmoscopeError
 from emoscope.generation import SamplingConfig, collect, decode_steps, eos_ids
-from emoscope.hooks import PositionRule, PassTracker, add_to_residual, all_positions, positions_before, positions_from
+from emoscope.hooks import (
+    PassTracker,
+    PositionRule,
+    add_to_residual,
+    all_positions,
+    positions_before,
+    positions_from,
+)
 from emoscope.vectors import EmotionVectors
 
 MAX_STRENGTH = 2.0
@@ -48,7 +55,9 @@ class Steering:
     def __post_init__(self) -> None:
         for emotion, strength in self.emotions.items():
             if not isinstance(strength, int | float) or strength != strength:
-                raise EmoscopeError(f"Strength for '{emotion}' must be a number (got {strength!r}).")
+                raise EmoscopeError(
+                    f"Strength for '{emotion}' must be a number (got {strength!r})."
+                )
             if abs(strength) > MAX_STRENGTH and not self.force:
                 raise EmoscopeError(
                     f"Strength {strength} for '{emotion}' is outside the sane range "
@@ -56,7 +65,9 @@ class Steering:
                     "(--force) if you really want it."
                 )
         if isinstance(self.positions, str) and self.positions not in POSITIONS:
-            raise EmoscopeError(f"positions must be one of {', '.join(POSITIONS)} or a (start, end) span.")
+            raise EmoscopeError(
+                f"positions must be one of {', '.join(POSITIONS)} or a (start, end) span."
+            )
         if not isinstance(self.positions, str):
             start, end = self.positions
             if not 0 <= start < end:
@@ -81,7 +92,9 @@ def span_rule(start: int, end: int, padding: torch.Tensor) -> PositionRule:
     """Token indices ``start <= i < end`` of every row, counted from its first real token."""
 
     def rule(first: int, length: int, device: torch.device) -> torch.Tensor | None:
-        index = torch.arange(first, first + length, device=device).unsqueeze(0) - padding.to(device).unsqueeze(1)
+        index = torch.arange(first, first + length, device=device).unsqueeze(0) - padding.to(
+            device
+        ).unsqueeze(1)
         weight = ((index >= start) & (index < end)).float()
         return weight if bool(weight.any()) else None
 
@@ -120,7 +133,9 @@ class Steerer:
         width and each row's padding).
         """
         if steering.positions != "all" and batch is None:
-            raise EmoscopeError("Steering by prompt/response/span positions needs the batch being run.")
+            raise EmoscopeError(
+                "Steering by prompt/response/span positions needs the batch being run."
+            )
         rule = all_positions if batch is None else position_rule(steering.positions, batch)
         vectors = steering_vectors(self.bank, steering)
         with add_to_residual(self.lm.model, self.lm.adapter, vectors, rule) as tracker:
@@ -129,7 +144,12 @@ class Steerer:
     def encode(self, prompts: Sequence[str], chat: bool = True) -> Batch:
         if chat:
             chats = [self.lm.chat([{"role": "user", "content": p}]) for p in prompts]
-            return encode(self.lm.tokenizer, [c.text for c in chats], self.lm.device, chats[0].add_special_tokens)
+            return encode(
+                self.lm.tokenizer,
+                [c.text for c in chats],
+                self.lm.device,
+                chats[0].add_special_tokens,
+            )
         return encode(self.lm.tokenizer, list(prompts), self.lm.device)
 
     def generate(

@@ -70,13 +70,19 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if not 0 <= self.neutral_variance < 1:
-            raise EmoscopeError(f"neutral_variance must be in [0, 1) (got {self.neutral_variance}).")
+            raise EmoscopeError(
+                f"neutral_variance must be in [0, 1) (got {self.neutral_variance})."
+            )
         if self.neutral_pca not in NEUTRAL_PCA_MODES:
             raise EmoscopeError(f"neutral_pca must be one of {NEUTRAL_PCA_MODES}.")
         if self.token_offset < 0:
             raise EmoscopeError("token_offset must be >= 0.")
-        if self.story_variance != "auto" and not (isinstance(self.story_variance, int | float) and 0 <= self.story_variance < 1):
-            raise EmoscopeError(f"story_variance must be 'auto' or in [0, 1) (got {self.story_variance!r}).")
+        if self.story_variance != "auto" and not (
+            isinstance(self.story_variance, int | float) and 0 <= self.story_variance < 1
+        ):
+            raise EmoscopeError(
+                f"story_variance must be 'auto' or in [0, 1) (got {self.story_variance!r})."
+            )
 
     def with_story_variance(self, value: float) -> Recipe:
         from dataclasses import replace
@@ -85,7 +91,11 @@ class Recipe:
 
     @property
     def story_levels(self) -> tuple[float, ...]:
-        return self.story_variance_grid if self.story_variance == "auto" else (float(self.story_variance),)
+        return (
+            self.story_variance_grid
+            if self.story_variance == "auto"
+            else (float(self.story_variance),)
+        )
 
 
 def class_means(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -157,9 +167,13 @@ def build_layer(
     story_variance = float(recipe.story_variance)  # type: ignore[arg-type]
     if story_variance > 0:
         residual = story_means - per_emotion[labels]
-        within = principal_components(residual.double().T @ residual.double() / len(residual), story_variance)
+        within = principal_components(
+            residual.double().T @ residual.double() / len(residual), story_variance
+        )
         basis = torch.linalg.qr(torch.cat([basis, within], dim=1))[0] if basis.numel() else within
-    return LayerVectors(unit_rows(project_out(diff, basis)), unit_rows(diff), centre, int(basis.shape[1]))
+    return LayerVectors(
+        unit_rows(project_out(diff, basis)), unit_rows(diff), centre, int(basis.shape[1])
+    )
 
 
 @dataclass
@@ -224,11 +238,15 @@ class EmotionVectors:
     def residual_norm(self, layer: int) -> float:
         return float(self.stat("residual_norm", layer))
 
-    def subset(self, emotions: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> EmotionVectors:
+    def subset(
+        self, emotions: Sequence[str] | None = None, layers: Sequence[int] | None = None
+    ) -> EmotionVectors:
         """A bank restricted to some emotions and/or layers (statistics follow)."""
         names = resolve_emotions(emotions) if emotions is not None else list(self.emotions)
         rows = torch.tensor([self.index(n) for n in names])
-        keep = [self.check_layer(layer) for layer in (layers if layers is not None else self.layers)]
+        keep = [
+            self.check_layer(layer) for layer in (layers if layers is not None else self.layers)
+        ]
         vectors = {layer: self.vectors[layer][rows] for layer in keep}
         stats = {}
         for key, value in self.stats.items():
@@ -257,9 +275,13 @@ class EmotionVectors:
             )
         n_layers = getattr(model, "n_layers", None)
         if n_layers is not None and max(self.layers) >= n_layers:
-            raise BankMismatchError(f"This bank uses layer {max(self.layers)}; the model has {n_layers} layers.")
+            raise BankMismatchError(
+                f"This bank uses layer {max(self.layers)}; the model has {n_layers} layers."
+            )
 
-    def scores(self, hidden: torch.Tensor, layer: int | None = None, mode: str = "centred") -> torch.Tensor:
+    def scores(
+        self, hidden: torch.Tensor, layer: int | None = None, mode: str = "centred"
+    ) -> torch.Tensor:
         """Readout of ``hidden`` (``[..., hidden]``) on every emotion: ``[..., emotions]``.
 
         Modes: ``projection`` (dot product with the unit vector), ``cosine`` (divided by the
@@ -279,31 +301,53 @@ class EmotionVectors:
     def save(self, folder: Path | str) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_save({f"layer.{layer}": self.vectors[layer].float() for layer in self.layers}, folder / "vectors.safetensors")
-        atomic_save({k: v.float() if v.is_floating_point() else v for k, v in self.stats.items()}, folder / "stats.safetensors")
-        manifest = dict(self.manifest, format=BANK_FORMAT, emotions=self.emotions, layers=self.layers,
-                        hidden_size=self.hidden_size, emoscope_version=self.manifest.get("emoscope_version", __version__))
+        atomic_save(
+            {f"layer.{layer}": self.vectors[layer].float() for layer in self.layers},
+            folder / "vectors.safetensors",
+        )
+        atomic_save(
+            {k: v.float() if v.is_floating_point() else v for k, v in self.stats.items()},
+            folder / "stats.safetensors",
+        )
+        manifest = dict(
+            self.manifest,
+            format=BANK_FORMAT,
+            emotions=self.emotions,
+            layers=self.layers,
+            hidden_size=self.hidden_size,
+            emoscope_version=self.manifest.get("emoscope_version", __version__),
+        )
         partial = folder / f"manifest.json.partial-{os.getpid()}"
         partial.write_text(json.dumps(manifest, indent=1))
         os.replace(partial, folder / "manifest.json")
         return folder
 
     @classmethod
-    def load(cls, folder: Path | str, model: Any = None, allow_other_model: bool = False) -> EmotionVectors:
+    def load(
+        cls, folder: Path | str, model: Any = None, allow_other_model: bool = False
+    ) -> EmotionVectors:
         """Read a bank folder; with ``model``, refuse one built for a different model."""
         folder = Path(folder)
         manifest_path = folder / "manifest.json"
         if not manifest_path.exists():
-            raise EmoscopeError(f"{folder} is not a vector bank (no manifest.json). Run `emoscope extract` first.")
+            raise EmoscopeError(
+                f"{folder} is not a vector bank (no manifest.json). Run `emoscope extract` first."
+            )
         try:
             manifest = json.loads(manifest_path.read_text())
         except ValueError as exc:
             raise EmoscopeError(f"{manifest_path} is not valid JSON: {exc}") from None
         if manifest.get("format") != BANK_FORMAT:
-            raise EmoscopeError(f"{folder} holds format {manifest.get('format')!r}, expected {BANK_FORMAT}.")
+            raise EmoscopeError(
+                f"{folder} holds format {manifest.get('format')!r}, expected {BANK_FORMAT}."
+            )
         try:
             tensors = load_file(str(folder / "vectors.safetensors"))
-            stats = load_file(str(folder / "stats.safetensors")) if (folder / "stats.safetensors").exists() else {}
+            stats = (
+                load_file(str(folder / "stats.safetensors"))
+                if (folder / "stats.safetensors").exists()
+                else {}
+            )
         except Exception as exc:
             raise EmoscopeError(f"Cannot read the bank in {folder}: {exc}") from None
         layers = [int(x) for x in manifest["layers"]]
@@ -311,11 +355,15 @@ class EmotionVectors:
         bank = cls(list(manifest["emotions"]), layers, vectors, stats, manifest)
         for layer, v in vectors.items():
             if v.shape != (len(bank.emotions), manifest["hidden_size"]):
-                raise EmoscopeError(f"layer.{layer} has shape {tuple(v.shape)}; the manifest says otherwise.")
+                raise EmoscopeError(
+                    f"layer.{layer} has shape {tuple(v.shape)}; the manifest says otherwise."
+                )
         if model is not None:
             if allow_other_model:
                 if getattr(model, "hidden_size", bank.hidden_size) != bank.hidden_size:
-                    raise BankMismatchError("Hidden sizes differ; this bank cannot be used with this model.")
+                    raise BankMismatchError(
+                        "Hidden sizes differ; this bank cannot be used with this model."
+                    )
             else:
                 bank.check_model(model)
         return bank
@@ -341,4 +389,10 @@ def bank_from_parts(
         neutral_components={str(layer): lv.n_components for layer, lv in layer_vectors.items()},
         emoscope_version=__version__,
     )
-    return EmotionVectors(list(emotions), layers, {l: layer_vectors[l].vectors for l in layers}, stats, full_manifest)
+    return EmotionVectors(
+        list(emotions),
+        layers,
+        {layer: layer_vectors[layer].vectors for layer in layers},
+        stats,
+        full_manifest,
+    )

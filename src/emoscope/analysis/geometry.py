@@ -30,7 +30,9 @@ def cluster_order(similarity: np.ndarray) -> list[int]:
     return [int(i) for i in leaves_list(tree)]
 
 
-def kmeans_clusters(vectors: torch.Tensor, k: int = 10, seed: int = 0, restarts: int = 20) -> list[int]:
+def kmeans_clusters(
+    vectors: torch.Tensor, k: int = 10, seed: int = 0, restarts: int = 20
+) -> list[int]:
     """k-means on the unit vectors (best of several seeded restarts, by inertia)."""
     x = (vectors / vectors.norm(dim=1, keepdim=True)).double().numpy()
     best_labels, best_inertia = None, np.inf
@@ -69,7 +71,9 @@ def correlate(values: Sequence[float], reference: Sequence[float]) -> dict[str, 
     return {"r": float(r), "p": float(p), "n": len(values)}
 
 
-def norm_correlations(scores: np.ndarray, emotions: Sequence[str], norms: Mapping[str, Norm], n_pcs: int = 3) -> dict[str, Any]:
+def norm_correlations(
+    scores: np.ndarray, emotions: Sequence[str], norms: Mapping[str, Norm], n_pcs: int = 3
+) -> dict[str, Any]:
     """Pearson r of each of the first PCs with human valence, arousal and dominance."""
     rated = [i for i, e in enumerate(emotions) if e in norms]
     out: dict[str, Any] = {}
@@ -90,7 +94,9 @@ def representational_similarity(matrices: Mapping[int, np.ndarray]) -> tuple[lis
     return layers, flat @ flat.T
 
 
-def nearest_neighbours(similarity: np.ndarray, emotions: Sequence[str], k: int = 3) -> dict[str, list[str]]:
+def nearest_neighbours(
+    similarity: np.ndarray, emotions: Sequence[str], k: int = 3
+) -> dict[str, list[str]]:
     out = {}
     for i, e in enumerate(emotions):
         order = np.argsort(-similarity[i])

@@ -20,7 +20,9 @@ def logit_lens(lm: Any, vectors: torch.Tensor, k: int = 10) -> list[dict[str, li
     special = set(getattr(lm.tokenizer, "all_special_ids", []))
     out = []
     with torch.inference_mode():
-        baseline = unembed(norm(torch.zeros(1, vectors.shape[1], device=device, dtype=dtype))).float()
+        baseline = unembed(
+            norm(torch.zeros(1, vectors.shape[1], device=device, dtype=dtype))
+        ).float()
         for start in range(0, vectors.shape[0], 32):
             chunk = vectors[start : start + 32].to(device, dtype)
             logits = unembed(norm(chunk)).float() - baseline
@@ -28,8 +30,16 @@ def logit_lens(lm: Any, vectors: torch.Tensor, k: int = 10) -> list[dict[str, li
                 logits[:, list(special)] = float("nan")
             for row in logits:
                 clean = torch.nan_to_num(row, nan=0.0)
-                top = torch.where(torch.isnan(row), torch.full_like(row, -torch.inf), clean).topk(k).indices
-                bottom = torch.where(torch.isnan(row), torch.full_like(row, torch.inf), clean).topk(k, largest=False).indices
+                top = (
+                    torch.where(torch.isnan(row), torch.full_like(row, -torch.inf), clean)
+                    .topk(k)
+                    .indices
+                )
+                bottom = (
+                    torch.where(torch.isnan(row), torch.full_like(row, torch.inf), clean)
+                    .topk(k, largest=False)
+                    .indices
+                )
                 out.append(
                     {
                         "top": [lm.tokenizer.decode([int(t)]) for t in top],

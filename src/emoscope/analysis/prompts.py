@@ -18,19 +18,25 @@ from scipy.stats import spearmanr
 from emoscope.activations import positions_readout
 
 
-def assistant_start_readouts(lm: Any, user_messages: Sequence[str], layers: Sequence[int] | None = None, style: str = "auto") -> torch.Tensor:
+def assistant_start_readouts(
+    lm: Any, user_messages: Sequence[str], layers: Sequence[int] | None = None, style: str = "auto"
+) -> torch.Tensor:
     """``[messages, layers, hidden]`` residual at the last prompt token of each single-turn chat."""
     chats = [lm.chat([{"role": "user", "content": m}], style=style) for m in user_messages]
     positions = [c.token_positions(lm.tokenizer)["assistant_colon"] for c in chats]
     add_special = chats[0].add_special_tokens if chats else False
-    return positions_readout(lm, [c.text for c in chats], positions, layers, add_special_tokens=add_special)
+    return positions_readout(
+        lm, [c.text for c in chats], positions, layers, add_special_tokens=add_special
+    )
 
 
 def z_scores(scores: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return (scores - mean) / std.clamp(min=1e-6)
 
 
-def implicit_accuracy(scores: torch.Tensor, targets: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+def implicit_accuracy(
+    scores: torch.Tensor, targets: Sequence[str], labels: Sequence[str]
+) -> dict[str, Any]:
     """How often each prompt's target emotion is the highest among the target emotions.
 
     ``scores``: ``[prompts, len(targets)]`` readouts of the target emotions.
@@ -45,15 +51,27 @@ def implicit_accuracy(scores: torch.Tensor, targets: Sequence[str], labels: Sequ
         "correct": int((winner == index).sum()),
         "n": len(labels),
         "per_prompt": [
-            {"target": labels[i], "top": targets[int(winner[i])], "rank": int((scores[i] > scores[i, index[i]]).sum()) + 1}
+            {
+                "target": labels[i],
+                "top": targets[int(winner[i])],
+                "rank": int((scores[i] > scores[i, index[i]]).sum()) + 1,
+            }
             for i in range(len(labels))
         ],
         "mean_matrix": matrix.tolist(),
     }
 
 
-def intensity_trend(values: Sequence[float], readouts: Sequence[float], expected: str) -> dict[str, Any]:
+def intensity_trend(
+    values: Sequence[float], readouts: Sequence[float], expected: str
+) -> dict[str, Any]:
     rho, p = spearmanr(values, readouts)
     rho = float(rho) if rho == rho else 0.0
     holds = rho > 0 if expected == "increase" else rho < 0
-    return {"rho": rho, "p": float(p) if p == p else 1.0, "expected": expected, "holds": bool(holds), "readouts": [float(r) for r in readouts]}
+    return {
+        "rho": rho,
+        "p": float(p) if p == p else 1.0,
+        "expected": expected,
+        "holds": bool(holds),
+        "readouts": [float(r) for r in readouts],
+    }

@@ -96,7 +96,9 @@ def feeling_test(
     subject: str = "he",
 ) -> dict[str, Any]:
     """The paper's "He feels" (``subject="he"``) or "I feel" (``subject="i"``) test."""
-    question, answer = ("How does he feel?", "He feels") if subject == "he" else ("How do you feel?", "I feel")
+    question, answer = (
+        ("How does he feel?", "He feels") if subject == "he" else ("How do you feel?", "I feel")
+    )
     prefix, reply_start = _prefix(lm, question, answer)
     span = (reply_start, len(prefix))  # the assistant turn up to and including "He feels"
     words = [e for e in emotions if e in steerer.bank.emotions]
@@ -140,7 +142,9 @@ def _perplexity(lm: Any, prompts_batch: Batch, rows: list[list[int]]) -> float:
     return float(np.exp(nll / max(count, 1)))
 
 
-def _crossing(strengths: Sequence[float], values: Sequence[float], limit: float) -> dict[str, float | None]:
+def _crossing(
+    strengths: Sequence[float], values: Sequence[float], limit: float
+) -> dict[str, float | None]:
     """Smallest |strength| on each side at which ``values`` first reaches ``limit`` (linear interpolation)."""
     s = np.asarray(strengths)
     v = np.asarray(values)
@@ -175,9 +179,19 @@ def dose_response(
     strengths = [float(x) for x in np.linspace(-max_strength, max_strength, n_strengths)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     batch = steerer.encode(prompts)
-    out: dict[str, Any] = {"strengths": strengths, "layers": list(layers or [steerer.bank.default_layer]),
-                           "prompts": len(prompts), "max_new_tokens": max_new_tokens, "emotions": {}}
-    bar = tqdm(total=len(emotions) * len(strengths), desc="dose-response", disable=not progress, leave=False)
+    out: dict[str, Any] = {
+        "strengths": strengths,
+        "layers": list(layers or [steerer.bank.default_layer]),
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "emotions": {},
+    }
+    bar = tqdm(
+        total=len(emotions) * len(strengths),
+        desc="dose-response",
+        disable=not progress,
+        leave=False,
+    )
     base_ppl = None
     for emotion in emotions:
         vader, ppl, samples = [], [], []
@@ -192,7 +206,11 @@ def dose_response(
             base_ppl = ppl[strengths.index(0.0)] if 0.0 in strengths else min(ppl)
         coherent = [i for i, p in enumerate(ppl) if p < 2 * base_ppl]
         rho_all = spearmanr(strengths, vader)[0]
-        rho_ok = spearmanr([strengths[i] for i in coherent], [vader[i] for i in coherent])[0] if len(coherent) >= 3 else float("nan")
+        rho_ok = (
+            spearmanr([strengths[i] for i in coherent], [vader[i] for i in coherent])[0]
+            if len(coherent) >= 3
+            else float("nan")
+        )
         out["emotions"][emotion] = {
             "mean_vader": vader,
             "perplexity": ppl,
@@ -207,7 +225,9 @@ def dose_response(
     return out
 
 
-def _generate_rows(lm: Any, steerer: Steerer, batch: Batch, steering: Steering | None, sampling: SamplingConfig) -> tuple[list[str], list[list[int]]]:
+def _generate_rows(
+    lm: Any, steerer: Steerer, batch: Batch, steering: Steering | None, sampling: SamplingConfig
+) -> tuple[list[str], list[list[int]]]:
     from emoscope.generation import collect, decode_steps, eos_ids
 
     eos = eos_ids(lm.model, lm.tokenizer)
@@ -233,8 +253,15 @@ def validate_steering(
 ) -> dict[str, Any]:
     he = feeling_test(lm, steerer, strength=feeling_strength, layers=layers, subject="he")
     i_feel = feeling_test(lm, steerer, strength=feeling_strength, layers=layers, subject="i")
-    dose = dose_response(lm, steerer, max_strength=max_strength, n_strengths=n_strengths, layers=layers,
-                         max_new_tokens=max_new_tokens, progress=progress)
+    dose = dose_response(
+        lm,
+        steerer,
+        max_strength=max_strength,
+        n_strengths=n_strengths,
+        layers=layers,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
     summary = {
         "he_feels_own_word_rises": he["own_word_rises"],
         "he_feels_diagonal_minus_off": he["diagonal_minus_off"],

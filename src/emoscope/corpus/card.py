@@ -69,12 +69,39 @@ def build_card() -> str:
         _row(["---", "---"]),
         _row(["emotions", len({s.emotion for s in stories})]),
         _row(["stories", len(stories)]),
-        _row(["train / test stories", f"{sum(s.split == 'train' for s in stories)} / {sum(s.split == 'test' for s in stories)}"]),
-        _row(["first / third person", f"{sum(s.person == 'first' for s in stories)} / {sum(s.person == 'third' for s in stories)}"]),
-        _row(["topics (train / test)", f"{len(topics)} ({sum(t.split == 'train' for t in topics)} / {sum(t.split == 'test' for t in topics)})"]),
+        _row(
+            [
+                "train / test stories",
+                f"{sum(s.split == 'train' for s in stories)} / {sum(s.split == 'test' for s in stories)}",
+            ]
+        ),
+        _row(
+            [
+                "first / third person",
+                f"{sum(s.person == 'first' for s in stories)} / {sum(s.person == 'third' for s in stories)}",
+            ]
+        ),
+        _row(
+            [
+                "topics (train / test)",
+                f"{len(topics)} ({sum(t.split == 'train' for t in topics)} / {sum(t.split == 'test' for t in topics)})",
+            ]
+        ),
         _row(["neutral dialogues", len(dialogues)]),
-        _row(["neutral categories", ", ".join(f"{k} {v}" for k, v in sorted(Counter(d.category for d in dialogues).items()))]),
-        _row(["implicit-emotion prompts", f"{len(prompts['implicit'])} ({len(prompts['implicit_targets'])} emotions x 3)"]),
+        _row(
+            [
+                "neutral categories",
+                ", ".join(
+                    f"{k} {v}" for k, v in sorted(Counter(d.category for d in dialogues).items())
+                ),
+            ]
+        ),
+        _row(
+            [
+                "implicit-emotion prompts",
+                f"{len(prompts['implicit'])} ({len(prompts['implicit_targets'])} emotions x 3)",
+            ]
+        ),
         _row(["intensity templates", len(prompts["intensity"])]),
         _row(["emotions with Warriner norms", f"{len(norms)} of {len(EMOTIONS)}"]),
         "",
@@ -95,7 +122,17 @@ def build_card() -> str:
         f"of its human valence; it is gated (>= {quality.MIN_SIGN_AGREEMENT:.0%}) for emotions rated "
         f"<= {quality.VALENCE_LOW} or >= {quality.VALENCE_HIGH} by Warriner et al. and shown as '-' otherwise.",
         "",
-        _row(["emotion", "stories", "train/test", "mean words", "Warriner valence", "mean VADER", "VADER agreement"]),
+        _row(
+            [
+                "emotion",
+                "stories",
+                "train/test",
+                "mean words",
+                "Warriner valence",
+                "mean VADER",
+                "VADER agreement",
+            ]
+        ),
         _row(["---", "---", "---", "---", "---", "---", "---"]),
     ]
     for e in EMOTIONS:
@@ -105,11 +142,19 @@ def build_card() -> str:
         n = norms.get(e)
         compound = mean(quality.vader_compound(s.text) for s in group)
         v = valence.get(e)
-        lines.append(_row([
-            e, len(group), f"{sum(s.split == 'train' for s in group)}/{sum(s.split == 'test' for s in group)}",
-            f"{mean(quality.word_count(s.text) for s in group):.0f}", f"{n.valence:.2f}" if n else "-",
-            f"{compound:+.2f}", f"{v['agreement']:.0%}" if v else "-",
-        ]))
+        lines.append(
+            _row(
+                [
+                    e,
+                    len(group),
+                    f"{sum(s.split == 'train' for s in group)}/{sum(s.split == 'test' for s in group)}",
+                    f"{mean(quality.word_count(s.text) for s in group):.0f}",
+                    f"{n.valence:.2f}" if n else "-",
+                    f"{compound:+.2f}",
+                    f"{v['agreement']:.0%}" if v else "-",
+                ]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 

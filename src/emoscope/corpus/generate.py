@@ -45,7 +45,10 @@ NEUTRAL_PROMPT = (
     "no exclamation marks, only the exchange of information."
 )
 MIN_WORDS, MAX_WORDS = 40, 220
-_LABEL = re.compile(r"\[\s*(?:story|dialogue)\s*\d+\s*\]|^\s*(?:story|dialogue)\s*\d+\s*[:.)]", re.IGNORECASE | re.MULTILINE)
+_LABEL = re.compile(
+    r"\[\s*(?:story|dialogue)\s*\d+\s*\]|^\s*(?:story|dialogue)\s*\d+\s*[:.)]",
+    re.IGNORECASE | re.MULTILINE,
+)
 _TURN = re.compile(r"^\s*\**(Person|AI|Human|Assistant|User)\**\s*:\s*(.*)$", re.IGNORECASE)
 
 
@@ -79,7 +82,9 @@ class Cell:
 def plan_cells(plan: GenerationPlan) -> list[Cell]:
     topics = load_topics()
     if plan.kind == "neutral":
-        return [Cell(f"neutral|{t.id}", None, t.id, t.premise, t.split) for t in topics[: plan.n_topics]]
+        return [
+            Cell(f"neutral|{t.id}", None, t.id, t.premise, t.split) for t in topics[: plan.n_topics]
+        ]
     emotions = resolve_emotions(plan.emotions)
     cells = []
     for e in emotions:
@@ -103,7 +108,9 @@ def guess_person(text: str) -> str:
     return "first" if first > third else "third"
 
 
-def parse_stories(cell: Cell, raw: str, kept_texts: list[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def parse_stories(
+    cell: Cell, raw: str, kept_texts: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     stories, dropped = [], {"leaked": 0, "duplicate": 0, "malformed": 0}
     assert cell.emotion is not None
     for piece in split_pieces(raw):
@@ -117,11 +124,21 @@ def parse_stories(cell: Cell, raw: str, kept_texts: list[str]) -> tuple[list[dic
             dropped["duplicate"] += 1
         else:
             kept_texts.append(text)
-            stories.append({"emotion": cell.emotion, "topic": cell.topic, "split": cell.split, "person": guess_person(text), "text": text})
+            stories.append(
+                {
+                    "emotion": cell.emotion,
+                    "topic": cell.topic,
+                    "split": cell.split,
+                    "person": guess_person(text),
+                    "text": text,
+                }
+            )
     return stories, dropped
 
 
-def parse_dialogues(cell: Cell, raw: str, kept_texts: list[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def parse_dialogues(
+    cell: Cell, raw: str, kept_texts: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     dialogues, dropped = [], {"emotional": 0, "duplicate": 0, "malformed": 0}
     for n, piece in enumerate(split_pieces(raw)):
         turns = []
@@ -132,7 +149,11 @@ def parse_dialogues(cell: Cell, raw: str, kept_texts: list[str]) -> tuple[list[d
                 turns.append({"role": role, "content": m[2].strip()})
             elif turns and line.strip():
                 turns[-1]["content"] += "\n" + line.strip()
-        record = {"id": f"{cell.topic}-{len(kept_texts)}-{n}", "category": "generated", "turns": turns}
+        record = {
+            "id": f"{cell.topic}-{len(kept_texts)}-{n}",
+            "category": "generated",
+            "turns": turns,
+        }
         try:
             dialogue = parse_dialogue(record, Path("<generated>"), 0)
         except EmoscopeError:
@@ -145,7 +166,9 @@ def parse_dialogues(cell: Cell, raw: str, kept_texts: list[str]) -> tuple[list[d
             dropped["malformed"] += 1
         elif problems:
             dropped["emotional"] += 1
-        elif any(j == len(kept_texts) for _, j, _ in quality.near_duplicates([*kept_texts, joined])):
+        elif any(
+            j == len(kept_texts) for _, j, _ in quality.near_duplicates([*kept_texts, joined])
+        ):
             dropped["duplicate"] += 1
         else:
             kept_texts.append(joined)
@@ -173,7 +196,9 @@ def _rebuild(out: Path, plan: GenerationPlan) -> Path:
     return target
 
 
-def generate_corpus(lm: Any, out: Path, plan: GenerationPlan, progress: bool = True) -> dict[str, Any]:
+def generate_corpus(
+    lm: Any, out: Path, plan: GenerationPlan, progress: bool = True
+) -> dict[str, Any]:
     """Generate (or resume generating) a corpus into ``out``; returns counts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,15 +208,26 @@ def generate_corpus(lm: Any, out: Path, plan: GenerationPlan, progress: bool = T
     for entry in iter_complete_jsonl(log):
         for item in entry.get("items", []):
             key = item.get("emotion") or "neutral"
-            kept.setdefault(key, []).append(item.get("text") or " ".join(t["content"] for t in item.get("turns", [])))
+            kept.setdefault(key, []).append(
+                item.get("text") or " ".join(t["content"] for t in item.get("turns", []))
+            )
     cells = [c for c in plan_cells(plan) if c.key not in done]
-    bar = tqdm(total=len(cells) + len(done), initial=len(done), desc=f"generating {plan.kind}", unit="cell", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(cells) + len(done),
+        initial=len(done),
+        desc=f"generating {plan.kind}",
+        unit="cell",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     eos = eos_ids(lm.model, lm.tokenizer)
     pad = lm.tokenizer.pad_token_id or 0
     for start in range(0, len(cells), plan.batch_size):
         group = cells[start : start + plan.batch_size]
         chats = [lm.chat([{"role": "user", "content": _prompt(c, plan)}]) for c in group]
-        batch = encode(lm.tokenizer, [c.text for c in chats], lm.device, chats[0].add_special_tokens)
+        batch = encode(
+            lm.tokenizer, [c.text for c in chats], lm.device, chats[0].add_special_tokens
+        )
         sampling = SamplingConfig(plan.max_new_tokens, plan.temperature, 0.95, plan.seed + start)
         rows = collect(decode_steps(lm.model, batch, sampling, eos, pad), batch.size)
         entries = []

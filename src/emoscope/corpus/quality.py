@@ -83,7 +83,9 @@ def check_counts(stories: Sequence[Story], emotions: Sequence[str] = EMOTIONS) -
             if t is None:
                 failures.append(f"{e}: unknown topic '{s.topic}'")
             elif t.split != s.split:
-                failures.append(f"{e}: topic '{s.topic}' is a {t.split} topic, story says {s.split}")
+                failures.append(
+                    f"{e}: topic '{s.topic}' is a {t.split} topic, story says {s.split}"
+                )
         persons = Counter(s.person for s in group)
         if group and min(persons.get("first", 0), persons.get("third", 0)) == 0:
             failures.append(f"{e}: does not mix first- and third-person stories")
@@ -136,7 +138,9 @@ def check_lengths(stories: Sequence[Story]) -> GateResult:
     )
 
 
-def near_duplicates(texts: Sequence[str], threshold: float = MAX_JACCARD) -> list[tuple[int, int, float]]:
+def near_duplicates(
+    texts: Sequence[str], threshold: float = MAX_JACCARD
+) -> list[tuple[int, int, float]]:
     """Pairs of texts whose word 5-gram sets have Jaccard similarity above ``threshold``.
 
     Only pairs sharing at least one 5-gram are compared (inverted index), so this is fast.
@@ -211,7 +215,9 @@ def check_valence(stories: Sequence[Story]) -> GateResult:
             "mean_compound": sum(scores) / len(scores),
         }
         if agree < MIN_SIGN_AGREEMENT:
-            failures.append(f"{e}: VADER agrees in sign on {agree:.0%} (need {MIN_SIGN_AGREEMENT:.0%})")
+            failures.append(
+                f"{e}: VADER agrees in sign on {agree:.0%} (need {MIN_SIGN_AGREEMENT:.0%})"
+            )
     overall = (
         sum(v["agreement"] for v in per_emotion.values()) / len(per_emotion) if per_emotion else 0.0
     )
@@ -236,14 +242,20 @@ def check_neutral(dialogues: Sequence[Dialogue]) -> GateResult:
     for d in dialogues:
         roles = [t.role for t in d.turns if t.role != "system"]
         exchanges = len(roles) // 2
-        if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
+        if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(
+            roles[1::2]
+        ):
             failures.append(f"{d.id}: turns must alternate user/assistant")
         if len(roles) % 2 or not MIN_EXCHANGES <= exchanges <= MAX_EXCHANGES:
-            failures.append(f"{d.id}: {len(roles)} turns ({MIN_EXCHANGES}-{MAX_EXCHANGES} exchanges needed)")
+            failures.append(
+                f"{d.id}: {len(roles)} turns ({MIN_EXCHANGES}-{MAX_EXCHANGES} exchanges needed)"
+            )
         for t in d.turns:
             hits = _neutral_pattern().findall(t.content)
             if hits:
-                failures.append(f"{d.id}: emotional or pleasantry words: {', '.join(sorted(set(hits)))}")
+                failures.append(
+                    f"{d.id}: emotional or pleasantry words: {', '.join(sorted(set(hits)))}"
+                )
     pairs = near_duplicates([" ".join(t.content for t in d.turns) for d in dialogues])
     failures += [f"{dialogues[i].id} ~ {dialogues[j].id}: Jaccard {s:.2f}" for i, j, s in pairs]
     if len(dialogues) < MIN_NEUTRAL:
@@ -270,15 +282,21 @@ def story_gates(stories: Sequence[Story], emotions: Sequence[str] = EMOTIONS) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the corpus quality gates.")
-    parser.add_argument("paths", nargs="*", type=Path, help="story files or folders (default: shipped)")
+    parser.add_argument(
+        "paths", nargs="*", type=Path, help="story files or folders (default: shipped)"
+    )
     parser.add_argument("--emotions", help="comma-separated subset to check")
-    parser.add_argument("--neutral", type=Path, nargs="?", const=Path(""), help="check neutral dialogues")
+    parser.add_argument(
+        "--neutral", type=Path, nargs="?", const=Path(""), help="check neutral dialogues"
+    )
     args = parser.parse_args(argv)
     if args.neutral is not None:
         results = [check_neutral(load_neutral(args.neutral if str(args.neutral) else None))]
     else:
         stories = [s for p in (args.paths or [None]) for s in load_stories(p)]
-        emotions = args.emotions.split(",") if args.emotions else sorted({s.emotion for s in stories})
+        emotions = (
+            args.emotions.split(",") if args.emotions else sorted({s.emotion for s in stories})
+        )
         stories = [s for s in stories if s.emotion in emotions]
         results = story_gates(stories, emotions)
     ok = True

@@ -206,7 +206,9 @@ def load_eval_prompts(path: Path | None = None) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text("utf-8"))
     except ValueError as exc:
-        raise CorpusFormatError(path, getattr(exc, "lineno", 1), "<file>", f"not valid JSON ({exc})") from None
+        raise CorpusFormatError(
+            path, getattr(exc, "lineno", 1), "<file>", f"not valid JSON ({exc})"
+        ) from None
     for key in ("implicit", "implicit_targets", "intensity"):
         if key not in data:
             raise CorpusFormatError(path, 1, key, "missing")

@@ -11,8 +11,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
            "#1f77b4", "#8c564b"]  # fmt: skip
@@ -28,11 +28,36 @@ def png(fig: Any) -> str:
 def layer_sweep(sweep: Sequence[dict[str, Any]], default_layer: int, two_thirds: int) -> str:
     layers = [s["layer"] for s in sweep]
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.plot(layers, [s["test"]["top1"] for s in sweep], "-o", ms=3, label="test top-1", color=PALETTE[0])
-    ax.plot(layers, [s["test"]["top5"] for s in sweep], "-o", ms=3, label="test top-5", color=PALETTE[1])
-    ax.plot(layers, [s["cv_train"]["top1"] for s in sweep], "--", label="train CV top-1", color=PALETTE[0], alpha=0.6)
-    ax.plot(layers, [s["cv_train"]["top5"] for s in sweep], "--", label="train CV top-5", color=PALETTE[1], alpha=0.6)
-    ax.plot(layers, [abs(s["pc1_valence_r"]) for s in sweep], "-s", ms=3, label="|r(PC1, valence)|", color=PALETTE[4])
+    ax.plot(
+        layers, [s["test"]["top1"] for s in sweep], "-o", ms=3, label="test top-1", color=PALETTE[0]
+    )
+    ax.plot(
+        layers, [s["test"]["top5"] for s in sweep], "-o", ms=3, label="test top-5", color=PALETTE[1]
+    )
+    ax.plot(
+        layers,
+        [s["cv_train"]["top1"] for s in sweep],
+        "--",
+        label="train CV top-1",
+        color=PALETTE[0],
+        alpha=0.6,
+    )
+    ax.plot(
+        layers,
+        [s["cv_train"]["top5"] for s in sweep],
+        "--",
+        label="train CV top-5",
+        color=PALETTE[1],
+        alpha=0.6,
+    )
+    ax.plot(
+        layers,
+        [abs(s["pc1_valence_r"]) for s in sweep],
+        "-s",
+        ms=3,
+        label="|r(PC1, valence)|",
+        color=PALETTE[4],
+    )
     ax.axvline(default_layer, color="k", lw=1, label=f"default layer {default_layer}")
     ax.axvline(two_thirds, color="grey", lw=1, ls=":", label=f"2/3 depth ({two_thirds})")
     ax.set_xlabel("layer (output of decoder block)")
@@ -42,8 +67,16 @@ def layer_sweep(sweep: Sequence[dict[str, Any]], default_layer: int, two_thirds:
     return png(fig)
 
 
-def heatmap(matrix: np.ndarray, labels: Sequence[str], title: str, size: float = 10, vmin: float = -1, vmax: float = 1,
-            col_labels: Sequence[str] | None = None, annotate: bool = False) -> str:
+def heatmap(
+    matrix: np.ndarray,
+    labels: Sequence[str],
+    title: str,
+    size: float = 10,
+    vmin: float = -1,
+    vmax: float = 1,
+    col_labels: Sequence[str] | None = None,
+    annotate: bool = False,
+) -> str:
     fig, ax = plt.subplots(figsize=(size, size * (len(labels) / max(1, len(col_labels or labels)))))
     im = ax.imshow(matrix, cmap="RdBu_r", vmin=vmin, vmax=vmax, interpolation="nearest")
     cols = col_labels or labels
@@ -59,7 +92,9 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], title: str, size: float =
     return png(fig)
 
 
-def norm_scatter(x: Sequence[float], y: Sequence[float], names: Sequence[str], xlabel: str, ylabel: str, r: float) -> str:
+def norm_scatter(
+    x: Sequence[float], y: Sequence[float], names: Sequence[str], xlabel: str, ylabel: str, r: float
+) -> str:
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     ax.scatter(x, y, s=10, color=PALETTE[0])
     for xi, yi, n in zip(x, y, names):
@@ -78,8 +113,17 @@ def intensity_lines(templates: Sequence[dict[str, Any]]) -> str:
     fig, axes = plt.subplots(rows, cols, figsize=(12, 2.6 * rows), squeeze=False)
     for ax, t in zip(axes.flat, templates):
         for k, (emotion, trend) in enumerate(t["trends"].items()):
-            ax.plot(range(len(t["values"])), trend["readouts"], "-o", ms=3, color=PALETTE[k], label=f"{emotion} (rho {trend['rho']:+.2f})")
-        ax.set_xticks(range(len(t["values"])), [str(v) for v in t["values"]], fontsize=6, rotation=45)
+            ax.plot(
+                range(len(t["values"])),
+                trend["readouts"],
+                "-o",
+                ms=3,
+                color=PALETTE[k],
+                label=f"{emotion} (rho {trend['rho']:+.2f})",
+            )
+        ax.set_xticks(
+            range(len(t["values"])), [str(v) for v in t["values"]], fontsize=6, rotation=45
+        )
         ax.set_title(t["id"], fontsize=8)
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
@@ -89,8 +133,13 @@ def intensity_lines(templates: Sequence[dict[str, Any]]) -> str:
     return png(fig)
 
 
-def emotion_map_svg(points: dict[str, Sequence[float]], clusters: Sequence[Sequence[str]], norms: dict[str, Any],
-                    width: int = 760, height: int = 560) -> str:
+def emotion_map_svg(
+    points: dict[str, Sequence[float]],
+    clusters: Sequence[Sequence[str]],
+    norms: dict[str, Any],
+    width: int = 760,
+    height: int = 560,
+) -> str:
     """PC1 x PC2 map of every emotion; hover a point for its name, cluster and human norms."""
     cluster_of = {e: i for i, members in enumerate(clusters) for e in members}
     xs = np.array([p[0] for p in points.values()])
@@ -103,16 +152,20 @@ def emotion_map_svg(points: dict[str, Sequence[float]], clusters: Sequence[Seque
     def sy(y: float) -> float:
         return height - pad - (y - ys.min()) / max(1e-9, np.ptp(ys)) * (height - 2 * pad)
 
-    parts = [f'<svg viewBox="0 0 {width} {height}" class="map">',
-             f'<rect width="{width}" height="{height}" fill="#fcfcfc" stroke="#ddd"/>',
-             f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle" font-size="12">PC1</text>',
-             f'<text x="12" y="{height / 2}" font-size="12" transform="rotate(-90 12 {height / 2})" text-anchor="middle">PC2</text>']
+    parts = [
+        f'<svg viewBox="0 0 {width} {height}" class="map">',
+        f'<rect width="{width}" height="{height}" fill="#fcfcfc" stroke="#ddd"/>',
+        f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle" font-size="12">PC1</text>',
+        f'<text x="12" y="{height / 2}" font-size="12" transform="rotate(-90 12 {height / 2})" text-anchor="middle">PC2</text>',
+    ]
     for name, (x, y, *_rest) in points.items():
         c = PALETTE[cluster_of.get(name, 0) % len(PALETTE)]
         n = norms.get(name)
         rating = f" | valence {n.valence:.2f}, arousal {n.arousal:.2f}" if n else " | not rated"
         tip = html.escape(f"{name} (cluster {cluster_of.get(name, 0) + 1}){rating}")
-        parts.append(f'<g><title>{tip}</title><circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4.5" fill="{c}" fill-opacity="0.85"/>'
-                     f'<text x="{sx(x) + 5:.1f}" y="{sy(y) + 3:.1f}" font-size="8" fill="#333">{html.escape(name)}</text></g>')
+        parts.append(
+            f'<g><title>{tip}</title><circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4.5" fill="{c}" fill-opacity="0.85"/>'
+            f'<text x="{sx(x) + 5:.1f}" y="{sy(y) + 3:.1f}" font-size="8" fill="#333">{html.escape(name)}</text></g>'
+        )
     parts.append("</svg>")
     return "".join(parts)

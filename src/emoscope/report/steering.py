@@ -28,7 +28,13 @@ def write_steering_report(result: dict[str, Any], out: Path) -> Path:
         )
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for k, (emotion, d) in enumerate(dose["emotions"].items()):
-        axes[0].plot(dose["strengths"], d["mean_vader"], "-o", color=PALETTE[k], label=f"{emotion} (rho {d['spearman_rho_coherent']:+.2f})")
+        axes[0].plot(
+            dose["strengths"],
+            d["mean_vader"],
+            "-o",
+            color=PALETTE[k],
+            label=f"{emotion} (rho {d['spearman_rho_coherent']:+.2f})",
+        )
         axes[1].plot(dose["strengths"], d["perplexity"], "-o", color=PALETTE[k], label=emotion)
     axes[0].set_ylabel("mean VADER compound")
     axes[1].set_ylabel("perplexity under unsteered model")
@@ -37,10 +43,35 @@ def write_steering_report(result: dict[str, Any], out: Path) -> Path:
         ax.set_xlabel("strength (x residual norm)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    sections.append(f"<h2>Dose-response</h2><p>{dose['prompts']} neutral prompts, {dose['max_new_tokens']} new tokens, greedy, layers {dose['layers']}.</p><img src='{png(fig)}'>")
-    rows = [[e, f"{d['spearman_rho']:+.2f}", f"{d['spearman_rho_coherent']:+.2f}", d["perplexity_doubles_at"]["negative"], d["perplexity_doubles_at"]["positive"],
-             html.escape(d["samples"][0][:120]), html.escape(d["samples"][-1][:120])] for e, d in dose["emotions"].items()]
-    sections.append(_table(["emotion", "rho (all)", "rho (coherent)", "ppl x2 at (-)", "ppl x2 at (+)", "sample at -S", "sample at +S"], rows))
+    sections.append(
+        f"<h2>Dose-response</h2><p>{dose['prompts']} neutral prompts, {dose['max_new_tokens']} new tokens, greedy, layers {dose['layers']}.</p><img src='{png(fig)}'>"
+    )
+    rows = [
+        [
+            e,
+            f"{d['spearman_rho']:+.2f}",
+            f"{d['spearman_rho_coherent']:+.2f}",
+            d["perplexity_doubles_at"]["negative"],
+            d["perplexity_doubles_at"]["positive"],
+            html.escape(d["samples"][0][:120]),
+            html.escape(d["samples"][-1][:120]),
+        ]
+        for e, d in dose["emotions"].items()
+    ]
+    sections.append(
+        _table(
+            [
+                "emotion",
+                "rho (all)",
+                "rho (coherent)",
+                "ppl x2 at (-)",
+                "ppl x2 at (+)",
+                "sample at -S",
+                "sample at +S",
+            ],
+            rows,
+        )
+    )
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>emoscope steering</title></head><body style='font-family:sans-serif;max-width:1100px;margin:auto'>{''.join(sections)}</body></html>"
     path = out / "steering.html"
     path.write_text(page, encoding="utf-8")
