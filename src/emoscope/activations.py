@@ -76,7 +76,7 @@ def _masked_mean_transform(
     weights_ref: dict[str, torch.Tensor],
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
     def transform(_layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        w = weights_ref["w"].to(hidden.dtype)
+        w = weights_ref["w"].to(hidden.device, hidden.dtype)
         total = (hidden * w.unsqueeze(-1)).sum(dim=1)
         return (total / w.sum(dim=1, keepdim=True).clamp(min=1)).float()
 
@@ -246,7 +246,7 @@ def neutral_moments(
     position = {layer: i for i, layer in enumerate(layers)}
 
     def transform(layer: int, h: torch.Tensor) -> torch.Tensor:
-        keep = state["keep"]
+        keep = state["keep"].to(h.device)
         i = position[layer]
         rows = h[keep].float().cpu()  # [tokens, hidden]
         if i not in reference:  # shifting by a reference keeps float32 products accurate
@@ -327,7 +327,9 @@ def positions_readout(
     state: dict[str, torch.Tensor] = {}
 
     def transform(_layer: int, h: torch.Tensor) -> torch.Tensor:
-        return h[torch.arange(h.shape[0], device=h.device), state["cols"]].float().cpu()
+        return (
+            h[torch.arange(h.shape[0], device=h.device), state["cols"].to(h.device)].float().cpu()
+        )
 
     with ResidualReader(
         lm.model, lm.adapter, layers, transform=transform, stop_after_last=True

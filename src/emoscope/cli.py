@@ -315,6 +315,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("compare")
+def cmd_compare(args: argparse.Namespace) -> int:
+    from emoscope.report.compare import compare
+
+    table = compare(args.runs)
+    if args.out:
+        Path(args.out).write_text(table)
+    print(table)
+    return 0
+
+
 @command("info")
 def cmd_info(args: argparse.Namespace) -> int:
     from emoscope.vectors import EmotionVectors
@@ -528,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--all", action="store_true", help="one file per emotion into the --out folder")
     p.add_argument("--out", required=True, help="output .gguf file (or folder with --all)")
+
+    p = sub.add_parser("compare", help="markdown table of several runs' headline numbers")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders written by `emoscope extract`")
+    p.add_argument("--out", type=Path, help="also write the table to this file")
 
     p = sub.add_parser("info", help="describe a bank")
     p.add_argument("--bank", required=True)

@@ -335,7 +335,9 @@ def add_to_residual(
             weight = positions(start, length, hidden.device)
             if weight is None:
                 return output
-            delta = prepared[layer].to(hidden.device, hidden.dtype)
+            delta = prepared[layer]
+            if delta.device != hidden.device or delta.dtype != hidden.dtype:
+                delta = prepared[layer] = delta.to(hidden.device, hidden.dtype)
             hidden = hidden + weight.to(hidden.dtype).unsqueeze(-1) * delta.unsqueeze(1)
             return _with_hidden(output, hidden)
 

@@ -311,7 +311,11 @@ class Monitor:
 
     def _transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         h = hidden.float()
-        scores = (h - self._centre[layer]) @ self._v[layer].T
+        v, centre = self._v[layer], self._centre[layer]
+        if v.device != h.device:  # a model spread over several devices
+            v, centre = v.to(h.device), centre.to(h.device)
+            self._v[layer], self._centre[layer] = v, centre
+        scores = (h - centre) @ v.T
         if self.mode == "cosine":
             scores = scores / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         return scores
@@ -319,14 +323,13 @@ class Monitor:
     def _combine(
         self, reader: ResidualReader, select: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        scores = torch.stack([select(reader.last(layer)) for layer in self.layers]).mean(dim=0)
+        """Average the band's per-layer readouts (and z-scores) on the input device."""
+        per_layer = {layer: select(reader.last(layer)).to(self.lm.device) for layer in self.layers}
+        scores = torch.stack(list(per_layer.values())).mean(dim=0)
         if self._z is None:
             return scores, None
         z = torch.stack(
-            [
-                (select(reader.last(layer)) - self._z[layer][0]) / self._z[layer][1]
-                for layer in self.layers
-            ]
+            [(per_layer[layer] - self._z[layer][0]) / self._z[layer][1] for layer in self.layers]
         ).mean(dim=0)
         return scores, z
 
