@@ -145,3 +145,35 @@ def test_interrupted_activation_run_resumes_to_the_same_result(tiny_lm, tmp_path
         lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False
     )
     torch.testing.assert_close(resumed.means, full.means)
+
+
+def test_interrupted_neutral_moments_resume_to_the_same_result(tiny_lm, tmp_path, monkeypatch):
+    import emoscope.activations as acts
+
+    lm = tiny_lm("qwen2")
+    texts = [f"dialogue {i}: " + "text " * (5 + i % 9) for i in range(48)]
+    full = acts.neutral_moments(lm, texts, max_batch=4, progress=False)
+    calls = {"n": 0}
+    real = acts.encode
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(acts, "encode", crashing)
+    ckpt = tmp_path / "neutral.ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        acts.neutral_moments(
+            lm, texts, max_batch=4, progress=False, checkpoint=ckpt, checkpoint_every=2
+        )
+    assert ckpt.exists()
+    monkeypatch.setattr(acts, "encode", real)
+    resumed = acts.neutral_moments(
+        lm, texts, max_batch=4, progress=False, checkpoint=ckpt, checkpoint_every=2
+    )
+    assert resumed.count == full.count
+    torch.testing.assert_close(resumed.mean, full.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(resumed.cov, full.cov, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resumed.text_means, full.text_means)

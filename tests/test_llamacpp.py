@@ -52,8 +52,9 @@ def _next_token_logprobs(
         model_path=str(model_path), n_ctx=256, logits_all=True, verbose=False, n_threads=2
     )
     if cvec is not None:
-        apply = getattr(llama_cpp, "llama_apply_adapter_cvec", None) or getattr(
-            llama_cpp, "llama_control_vector_apply"
+        apply = (
+            getattr(llama_cpp, "llama_apply_adapter_cvec", None)
+            or llama_cpp.llama_control_vector_apply
         )
         data = cvec.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         assert apply(llm._ctx.ctx, data, cvec.size, llm.n_embd(), 1, top) == 0
@@ -100,7 +101,9 @@ def test_exported_vector_steers_llama_cpp_like_emoscope(small_run, smollm, tmp_p
         strength = {emotion: 0.15}
         path = export_emotions(bank, tmp_path / f"{emotion}.gguf", strength, [bank.steer_layer])
         cvec, top = _load_like_llama_cpp(path, smollm.hidden_size)
-        change_cpp = _next_token_logprobs(llama_cpp, gguf_model, prompt, words, cvec, top) - base_cpp
+        change_cpp = (
+            _next_token_logprobs(llama_cpp, gguf_model, prompt, words, cvec, top) - base_cpp
+        )
         vectors = steering_vectors(bank, Steering(strength, [bank.steer_layer]))
         change_hf = _hf_logprobs(smollm, prompt_ids, words, vectors) - base_hf
         own = words.index(emotion)

@@ -228,12 +228,18 @@ def neutral_moments(
     max_batch: int = 16,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 8,
 ) -> NeutralMoments:
     """Token-level moments of the residual over ``texts``.
 
     The first ``skip_first`` positions of each text are left out: in many models the first token
     carries an outsized "attention sink" activation (in SmolLM2 about 150x the typical norm)
-    that would dominate every statistic.
+    that would dominate every statistic. With ``checkpoint``, the running sums are saved every
+    ``checkpoint_every`` batches and a re-run continues from them.
+
+    Memory: ``layers x hidden x hidden`` float64 for the covariance; for very wide models
+    extract a subset of layers.
     """
     layers = list(range(lm.n_layers)) if layers is None else lm.check_layers(layers)
     hidden = lm.hidden_size
@@ -259,15 +265,36 @@ def neutral_moments(
         per_text[state["items"], i] = ((h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)).float().cpu()
         return torch.empty(0)
 
+    done = torch.zeros(len(texts), dtype=torch.bool)
+    if checkpoint is not None and checkpoint.exists():
+        saved = load_file(str(checkpoint))
+        sums, outer, norm_sums = saved["sums"], saved["outer"], saved["norm_sums"]
+        per_text, done = saved["per_text"], saved["done"].bool()
+        state["count"] = int(saved["count"][0])
+        reference.update({i: saved["reference"][i] for i in range(len(layers))})
+
+    def save_state() -> None:
+        if checkpoint is not None and reference:
+            atomic_save(
+                {"sums": sums, "outer": outer, "norm_sums": norm_sums, "per_text": per_text,
+                 "done": done.to(torch.uint8), "count": torch.tensor([state["count"]]),
+                 "reference": torch.stack([reference[i] for i in range(len(layers))])},
+                checkpoint,
+            )  # fmt: skip
+
     lengths = [
         len(ids)
         for ids in lm.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     ]
+    batches = [
+        b for b in length_sorted_batches(lengths, max_batch, max_batch_tokens) if not done[b].all()
+    ]
     bar = _progress(len(texts), "neutral activations", progress)
+    bar.update(int(done.sum()))
     with ResidualReader(
         lm.model, lm.adapter, layers, transform=transform, stop_after_last=True
     ) as reader:
-        for items in length_sorted_batches(lengths, max_batch, max_batch_tokens):
+        for number, items in enumerate(batches, start=1):
             batch = encode(lm.tokenizer, [texts[i] for i in items], lm.device, add_special_tokens)
             column = torch.arange(batch.width, device=batch.input_ids.device).unsqueeze(0)
             keep = (column >= batch.padding.unsqueeze(1) + skip_first) & (batch.attention_mask > 0)
@@ -275,6 +302,9 @@ def neutral_moments(
             state["count"] += int(keep.sum())
             reader.clear()
             reader.run(**batch.inputs())
+            done[items] = True
+            if number % checkpoint_every == 0:
+                save_state()
             bar.update(len(items))
     bar.close()
     count = state["count"]

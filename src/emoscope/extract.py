@@ -280,8 +280,10 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
                 special,
                 max_batch_tokens=config.max_batch_tokens,
                 progress=config.progress,
+                checkpoint=acts / "neutral.ckpt.safetensors",
             )
             save_neutral_moments(nm, neutral_file)
+            (acts / "neutral.ckpt.safetensors").unlink(missing_ok=True)
     implicit = prompts["implicit"]
     intensity = prompts["intensity"]
     intensity_texts = [t["template"].format(value=v) for t in intensity for v in t["values"]]

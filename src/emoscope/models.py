@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from emoscope.batching import Batch, encode
 from emoscope.chat import ChatText, format_chat
 from emoscope.errors import EmoscopeError, MissingPackageError, UnknownModelError
 from emoscope.hooks import ArchitectureAdapter, adapter_for
@@ -144,6 +145,15 @@ class LoadedModel:
     ) -> ChatText:
         """Format turns as model text and find the readout positions (see :mod:`emoscope.chat`)."""
         return format_chat(self.tokenizer, turns, add_generation_prompt, style)
+
+    def encode_prompts(self, prompts: Sequence[str], chat: bool = True) -> Batch:
+        """Single-turn user prompts as one left-padded batch (chat-formatted unless ``chat=False``)."""
+        if not chat:
+            return encode(self.tokenizer, list(prompts), self.device)
+        chats = [self.chat([{"role": "user", "content": p}]) for p in prompts]
+        return encode(
+            self.tokenizer, [c.text for c in chats], self.device, chats[0].add_special_tokens
+        )
 
     def check_layers(self, layers: Sequence[int]) -> list[int]:
         """Validate layer indices (negative ones count from the end)."""

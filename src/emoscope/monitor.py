@@ -460,15 +460,7 @@ class Monitor:
         return steerer.apply(steering, batch) if steerer and steering else nullcontext()
 
     def encode(self, prompts: Sequence[str], chat: bool = True) -> Batch:
-        if chat:
-            chats = [self.lm.chat([{"role": "user", "content": p}]) for p in prompts]
-            return encode(
-                self.lm.tokenizer,
-                [c.text for c in chats],
-                self.lm.device,
-                chats[0].add_special_tokens,
-            )
-        return encode(self.lm.tokenizer, list(prompts), self.lm.device)
+        return self.lm.encode_prompts(prompts, chat)
 
     def generate(
         self,

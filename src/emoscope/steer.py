@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from emoscope.batching import Batch, encode
+from emoscope.batching import Batch
 from emoscope.errors import EmoscopeError
 from emoscope.generation import SamplingConfig, collect, decode_steps, eos_ids
 from emoscope.hooks import (
@@ -142,15 +142,7 @@ class Steerer:
             yield tracker
 
     def encode(self, prompts: Sequence[str], chat: bool = True) -> Batch:
-        if chat:
-            chats = [self.lm.chat([{"role": "user", "content": p}]) for p in prompts]
-            return encode(
-                self.lm.tokenizer,
-                [c.text for c in chats],
-                self.lm.device,
-                chats[0].add_special_tokens,
-            )
-        return encode(self.lm.tokenizer, list(prompts), self.lm.device)
+        return self.lm.encode_prompts(prompts, chat)
 
     def generate(
         self,

@@ -176,7 +176,7 @@ def dose_response(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Mean VADER score of steered continuations per strength, with a perplexity guard."""
-    strengths = [float(x) for x in np.linspace(-max_strength, max_strength, n_strengths)]
+    strengths = [round(float(x), 6) for x in np.linspace(-max_strength, max_strength, n_strengths)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     batch = steerer.encode(prompts)
     out: dict[str, Any] = {

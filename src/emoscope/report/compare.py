@@ -11,17 +11,49 @@ from emoscope.errors import EmoscopeError
 
 ROWS: list[tuple[str, Any]] = [
     ("model", lambda r: r["model"]["model"]),
-    ("family, layers, hidden", lambda r: f"{r['model']['family']}, {r['model']['n_layers']}, {r['model']['hidden_size']}"),
+    (
+        "family, layers, hidden",
+        lambda r: f"{r['model']['family']}, {r['model']['n_layers']}, {r['model']['hidden_size']}",
+    ),
     ("extraction dtype", lambda r: r["model"]["dtype"]),
     ("default layer (CV on train topics)", lambda r: r["default_layer"]),
-    ("within-emotion variance projected out", lambda r: f"{r['story_variance_selection']['story_variance']:.0%}"),
-    ("test top-1 / top-5, 171-way (chance 0.6% / 2.9%)", lambda r: f"{r['summary']['test_top1']:.1%} / {r['summary']['test_top5']:.1%}"),
-    ("train-CV top-1 / top-5", lambda r: f"{r['summary']['cv_train_top1']:.1%} / {r['summary']['cv_train_top5']:.1%}"),
+    (
+        "within-emotion variance projected out",
+        lambda r: f"{r['story_variance_selection']['story_variance']:.0%}",
+    ),
+    (
+        "test top-1 / top-5, 171-way (chance 0.6% / 2.9%)",
+        lambda r: f"{r['summary']['test_top1']:.1%} / {r['summary']['test_top5']:.1%}",
+    ),
+    (
+        "train-CV top-1 / top-5",
+        lambda r: f"{r['summary']['cv_train_top1']:.1%} / {r['summary']['cv_train_top5']:.1%}",
+    ),
     ("best test top-5 over layers", lambda r: _best(r)),
-    ("r(PC1, valence), n", lambda r: f"{r['geometry']['norms']['pc1_valence']['r']:+.3f}, {r['geometry']['norms']['pc1_valence']['n']}"),
-    ("r(PC2, arousal) / r(PC3, arousal)", lambda r: f"{r['geometry']['norms']['pc2_arousal']['r']:+.3f} / {r['geometry']['norms']['pc3_arousal']['r']:+.3f}"),
-    ("PC1 / PC2 variance", lambda r: f"{r['geometry']['pca_variance_ratio'][0]:.1%} / {r['geometry']['pca_variance_ratio'][1]:.1%}"),
-    ("implicit prompts: target on top (z / raw)", lambda r: f"{r['implicit']['z_scored']['accuracy']:.1%} / {r['implicit']['centred']['accuracy']:.1%}"),
+    (
+        "r(PC1, valence), n",
+        lambda r: (
+            f"{r['geometry']['norms']['pc1_valence']['r']:+.3f}, {r['geometry']['norms']['pc1_valence']['n']}"
+        ),
+    ),
+    (
+        "r(PC2, arousal) / r(PC3, arousal)",
+        lambda r: (
+            f"{r['geometry']['norms']['pc2_arousal']['r']:+.3f} / {r['geometry']['norms']['pc3_arousal']['r']:+.3f}"
+        ),
+    ),
+    (
+        "PC1 / PC2 variance",
+        lambda r: (
+            f"{r['geometry']['pca_variance_ratio'][0]:.1%} / {r['geometry']['pca_variance_ratio'][1]:.1%}"
+        ),
+    ),
+    (
+        "implicit prompts: target on top (z / raw)",
+        lambda r: (
+            f"{r['implicit']['z_scored']['accuracy']:.1%} / {r['implicit']['centred']['accuracy']:.1%}"
+        ),
+    ),
     ("intensity directions held", lambda r: f"{r['intensity']['held']}/{r['intensity']['total']}"),
     ("RSA across layers (mean off-diagonal)", lambda r: f"{r['geometry']['rsa_mean_offdiag']:.3f}"),
     ("extraction time", lambda r: f"{sum(v for k, v in r['timings'].items()):.0f} s"),
