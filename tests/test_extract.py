@@ -89,7 +89,7 @@ def test_rerun_resumes_and_other_runs_are_refused(small_run, corpus_slice):
         recipe=Recipe(token_offset=20),
         progress=False,
     )
-    with pytest.raises(RunDirectoryError, match="recipe"):
+    with pytest.raises(RunDirectoryError, match="token_offset"):
         extract(other, echo=lambda m: None)
     foreign = result.out.parent / "foreign"
     foreign.mkdir()

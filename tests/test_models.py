@@ -106,3 +106,14 @@ def test_gemma_loads_and_reads(gemma):
     assert reader.last(12).shape == (1, batch.width, 640)
     assert torch.isfinite(reader.last(17)).all()
     assert load_model("gemma3-270m").from_cache
+
+
+def test_a_gguf_file_path_loads_and_caches(smollm, tmp_cache):
+    from emoscope.models import _embedded_gguf
+
+    gguf = _embedded_gguf(EMBEDDED["smollm2-135m-instruct"])
+    lm = load_model(str(gguf))
+    assert lm.name == str(gguf.resolve()) and not lm.from_cache and lm.n_layers == 30
+    torch.testing.assert_close(lm.model.lm_head.weight, smollm.model.lm_head.weight)
+    assert load_model(str(gguf)).from_cache
+    assert len(list((tmp_cache / "models").iterdir())) == 1

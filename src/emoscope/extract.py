@@ -14,6 +14,7 @@ recipe resumes, and a different one is refused rather than mixed in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -126,8 +127,13 @@ def _echo_stderr(message: str) -> None:
 
 
 def _run_identity(
-    config: ExtractConfig, lm: LoadedModel, corpus_hash: str, layers: list[int]
+    config: ExtractConfig, lm: LoadedModel, corpus_hash: str, prompts_hash: str, layers: list[int]
 ) -> dict[str, Any]:
+    """What the cached activations depend on; a folder holding other activations is refused.
+
+    Choices that only shape the vectors (neutral variance, story denoising, PCA mode) are not
+    part of it: changing them rebuilds the bank and report from the cached activations.
+    """
     return json.loads(
         json.dumps(
             {
@@ -135,7 +141,9 @@ def _run_identity(
                 "dtype": str(lm.dtype).removeprefix("torch."),
                 "layers": layers,
                 "corpus_sha256": corpus_hash,
-                "recipe": asdict(config.recipe),
+                "eval_prompts_sha256": prompts_hash,
+                "token_offset": config.recipe.token_offset,
+                "neutral_skip_first": config.recipe.neutral_skip_first,
             }
         )
     )
@@ -246,7 +254,8 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             if config.layers is None
             else sorted(set(lm.check_layers(config.layers)))
         )
-        prepare_run_dir(out, _run_identity(config, lm, corpus_hash, layers))
+        prompts_hash = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+        prepare_run_dir(out, _run_identity(config, lm, corpus_hash, prompts_hash, layers))
     acts = out / "activations"
     with timer.stage(f"story activations ({len(stories)} stories)"):
         story_file = acts / "stories.safetensors"

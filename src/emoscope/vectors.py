@@ -63,7 +63,7 @@ class Recipe:
     """Fraction of within-emotion story variance whose principal components are also projected
     out (0: the paper's recipe). ``auto`` picks it from ``story_variance_grid`` together with the
     default layer, by cross-validation over training topics."""
-    story_variance_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    story_variance_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     centring: str = "mean-of-emotion-means"
     story_format: str = "raw"
     """Stories are read as plain text, not wrapped in a chat turn."""
