@@ -130,12 +130,27 @@ def decode_steps(
 
 
 def collect(steps: Iterator[Step], size: int) -> list[list[int]]:
-    """Gather each row's generated ids (up to and including its EOS)."""
-    rows: list[list[int]] = [[] for _ in range(size)]
+    """Gather each row's generated ids (up to and including its EOS).
+
+    Steps are kept as tensors and split into rows once at the end, so decoding does no Python
+    work per token.
+    """
+    tokens, active = [], []
     for step in steps:
-        for row in torch.nonzero(step.active).flatten().tolist():
-            rows[row].append(int(step.tokens[row]))
-    return rows
+        tokens.append(step.tokens)
+        active.append(step.active)
+    return split_rows(tokens, active, size)
+
+
+def split_rows(
+    tokens: list[torch.Tensor], active: list[torch.Tensor], size: int
+) -> list[list[int]]:
+    """``[steps]`` of ``[batch]`` ids and activity flags -> each row's list of real ids."""
+    if not tokens:
+        return [[] for _ in range(size)]
+    ids = torch.stack(tokens, dim=1).tolist()
+    keep = torch.stack(active, dim=1).tolist()
+    return [[t for t, k in zip(row_ids, row_keep) if k] for row_ids, row_keep in zip(ids, keep)]
 
 
 def generate(

@@ -27,7 +27,7 @@ from emoscope.concepts import resolve_emotion, resolve_emotions
 from emoscope.corpus.records import append_jsonl
 from emoscope.errors import EmoscopeError
 from emoscope.expression import Expression, concealment_gap, expressed
-from emoscope.generation import SamplingConfig, decode_steps, eos_ids
+from emoscope.generation import SamplingConfig, decode_steps, eos_ids, split_rows
 from emoscope.hooks import ResidualReader
 from emoscope.steer import Steerer, Steering
 from emoscope.vectors import READOUT_MODES, EmotionVectors
@@ -473,9 +473,10 @@ class Monitor:
     ) -> list[MonitoredGeneration]:
         """Monitored generation collected per prompt; alerts and transcripts go to ``log`` (JSONL)."""
         rules = [r if isinstance(r, AlertRule) else AlertRule.parse(r) for r in alerts]
-        rows: list[list[int]] = [[] for _ in prompts]
-        scores: list[list[torch.Tensor]] = [[] for _ in prompts]
-        zs: list[list[torch.Tensor]] = [[] for _ in prompts]
+        tokens: list[torch.Tensor] = []
+        active: list[torch.Tensor] = []
+        step_scores: list[torch.Tensor] = []
+        step_z: list[torch.Tensor] = []
         fired: list[Alert] = []
 
         def record(alert: Alert) -> None:
@@ -484,22 +485,30 @@ class Monitor:
                 append_jsonl(Path(log), [alert.to_dict()])
 
         for step in self.stream(prompts, sampling, steering, rules, record, chat):
-            for row in torch.nonzero(step.active).flatten().tolist():
-                rows[row].append(int(step.tokens[row]))
-                scores[row].append(step.scores[row].cpu())
-                if step.z is not None:
-                    zs[row].append(step.z[row].cpu())
+            tokens.append(step.tokens)
+            active.append(step.active)
+            step_scores.append(step.scores)
+            if step.z is not None:
+                step_z.append(step.z)
+        rows = split_rows(tokens, active, len(prompts))
+        keep = (
+            torch.stack(active, dim=1).cpu()
+            if active
+            else torch.zeros(len(prompts), 0, dtype=torch.bool)
+        )
+        all_scores = torch.stack(step_scores, dim=1).cpu() if step_scores else None
+        all_z = torch.stack(step_z, dim=1).cpu() if step_z else None
         out = []
         for i, prompt in enumerate(prompts):
             text = self.lm.tokenizer.decode(rows[i], skip_special_tokens=True)
-            z = torch.stack(zs[i]) if zs[i] else None
+            scores = (
+                all_scores[i][keep[i]]
+                if all_scores is not None
+                else torch.zeros(0, len(self.emotions))
+            )
+            z = all_z[i][keep[i]] if all_z is not None else None
             gen = MonitoredGeneration(
-                prompt,
-                text,
-                rows[i],
-                torch.stack(scores[i]) if scores[i] else torch.zeros(0, len(self.emotions)),
-                z,
-                [a for a in fired if a.row == i],
+                prompt, text, rows[i], scores, z, [a for a in fired if a.row == i]
             )
             if z is not None and len(z):
                 gen.concealment = self.concealment(z.mean(dim=0), text)

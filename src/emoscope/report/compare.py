@@ -56,7 +56,6 @@ ROWS: list[tuple[str, Any]] = [
     ),
     ("intensity directions held", lambda r: f"{r['intensity']['held']}/{r['intensity']['total']}"),
     ("RSA across layers (mean off-diagonal)", lambda r: f"{r['geometry']['rsa_mean_offdiag']:.3f}"),
-    ("extraction time", lambda r: f"{sum(v for k, v in r['timings'].items()):.0f} s"),
 ]
 
 
