@@ -51,6 +51,7 @@ def test_bank_files_and_manifest(small_run):
         and manifest["hidden_size"] == 576
     )
     assert manifest["default_layer"] in LAYERS
+    assert manifest["steer_layer"] == 19  # nearest extracted layer to two thirds of 30 blocks
     from safetensors.torch import load_file
 
     tensors = load_file(str(out / "vectors.safetensors"))
@@ -170,8 +171,8 @@ def test_interrupted_neutral_moments_resume_to_the_same_result(tiny_lm, tmp_path
         )
     assert ckpt.exists()
     monkeypatch.setattr(acts, "encode", real)
-    resumed = acts.neutral_moments(
-        lm, texts, max_batch=4, progress=False, checkpoint=ckpt, checkpoint_every=2
+    resumed = acts.neutral_moments(  # a different batch size must not double-count anything
+        lm, texts, max_batch=3, progress=False, checkpoint=ckpt, checkpoint_every=2
     )
     assert resumed.count == full.count
     torch.testing.assert_close(resumed.mean, full.mean, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from emoscope.corpus.generate import (
     Cell,
     GenerationPlan,
@@ -19,6 +21,7 @@ from emoscope.corpus.generate import (
     plan_cells,
 )
 from emoscope.corpus.records import iter_complete_jsonl, load_stories
+from emoscope.errors import EmoscopeError
 
 LONG = "word " * 60
 
@@ -66,6 +69,8 @@ def test_generate_on_smollm_end_to_end(smollm, tmp_path):
     assert len(stories) == summary["kept"] and all(s.emotion == "happy" for s in stories)
     again = generate_corpus(smollm, tmp_path, plan, progress=False)  # nothing left to do
     assert again["cells_done"] == 2 and len(list(iter_complete_jsonl(tmp_path / "log.jsonl"))) == 2
+    with pytest.raises(EmoscopeError, match="different kind"):
+        generate_corpus(smollm, tmp_path, GenerationPlan(kind="neutral"), progress=False)
 
 
 def test_kill_mid_run_then_resume(smollm, tmp_path):

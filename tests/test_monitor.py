@@ -147,3 +147,13 @@ def test_monitor_refuses_a_bank_from_another_model(tiny_lm):
     bank = synthetic_bank(tiny_lm("llama"))
     with pytest.raises(BankMismatchError, match="tiny-llama"):
         Monitor(tiny_lm("qwen2"), bank)
+
+
+def test_rules_on_unmonitored_emotions_are_refused(tiny_lm):
+    lm = tiny_lm("llama")
+    monitor = Monitor(lm, synthetic_bank(lm), emotions=["happy", "sad"], layers=1)
+    for rule in ("calm > 1", "gap:calm > 0"):
+        with pytest.raises(EmoscopeError, match="not being monitored"):
+            monitor.generate(
+                PROMPTS[:1], SamplingConfig(max_new_tokens=2), alerts=[rule], chat=False
+            )

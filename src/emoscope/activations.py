@@ -76,9 +76,10 @@ def _masked_mean_transform(
     weights_ref: dict[str, torch.Tensor],
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
     def transform(_layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        w = weights_ref["w"].to(hidden.device, hidden.dtype)
-        total = (hidden * w.unsqueeze(-1)).sum(dim=1)
-        return (total / w.sum(dim=1, keepdim=True).clamp(min=1)).float()
+        h = hidden.float()  # accumulate in float32 whatever the model's dtype
+        w = weights_ref["w"].to(h.device, torch.float32)
+        total = (h * w.unsqueeze(-1)).sum(dim=1)
+        return total / w.sum(dim=1, keepdim=True).clamp(min=1)
 
     return transform
 
@@ -141,7 +142,9 @@ def text_means(
             )
             done[index] = True
     batches = [
-        b for b in length_sorted_batches(lengths, max_batch, max_batch_tokens) if not done[b].all()
+        todo
+        for b in length_sorted_batches(lengths, max_batch, max_batch_tokens)
+        if (todo := [i for i in b if not done[i]])
     ]
     weights_ref: dict[str, torch.Tensor] = {}
     bar = _progress(n, desc, progress)
@@ -261,8 +264,9 @@ def neutral_moments(
         sums[i] += shifted.sum(dim=0).double()
         outer[i] += (shifted.T @ shifted).double()
         norm_sums[i] += rows.norm(dim=1).double().sum()
-        w = keep.to(h.dtype).unsqueeze(-1)
-        per_text[state["items"], i] = ((h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)).float().cpu()
+        hf = h.float()
+        w = keep.to(torch.float32).unsqueeze(-1)
+        per_text[state["items"], i] = ((hf * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)).cpu()
         return torch.empty(0)
 
     done = torch.zeros(len(texts), dtype=torch.bool)
@@ -287,7 +291,9 @@ def neutral_moments(
         for ids in lm.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     ]
     batches = [
-        b for b in length_sorted_batches(lengths, max_batch, max_batch_tokens) if not done[b].all()
+        todo
+        for b in length_sorted_batches(lengths, max_batch, max_batch_tokens)
+        if (todo := [i for i in b if not done[i]])
     ]
     bar = _progress(len(texts), "neutral activations", progress)
     bar.update(int(done.sum()))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from emoscope.generation import SamplingConfig
-from emoscope.monitor import IncrementalDecoder, Monitor
+from emoscope.monitor import AlertRule, AlertTracker, IncrementalDecoder, Monitor
 from emoscope.steer import Steering
 
 COLOURS = [196, 33, 40, 214, 129, 45, 226, 201, 118, 208, 99, 51]
@@ -40,6 +40,9 @@ def bar(emotions: list[str], z: torch.Tensor, width: int = 10) -> str:
 def run_chat(lm: Any, bank: Any, args: argparse.Namespace, steering: Steering | None) -> int:
     shown = [e.strip() for e in args.show.split(",") if e.strip()]
     monitor = Monitor(lm, bank, shown, None, "centred", allow_other_model=True)
+    rules = [AlertRule.parse(a) for a in args.alert]
+    AlertTracker(rules, monitor.emotions, 1)  # every rule must name a shown emotion
+    gap_rules = [r for r in rules if r.kind == "gap"]
     tty = sys.stdout.isatty()
     live = tty and not args.no_live
     history: list[dict[str, str]] = []
@@ -66,7 +69,7 @@ def run_chat(lm: Any, bank: Any, args: argparse.Namespace, steering: Steering | 
         if live:
             sys.stdout.write("\n\n\x1b[2A\x1b[6C")
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, 1.0, args.seed)
-        for step in monitor.stream(batch, sampling, steering, args.alert, on_alert=lambda a: None):
+        for step in monitor.stream(batch, sampling, steering, rules):
             if not bool(step.active[0]):
                 break
             z = step.z[0].cpu() if step.z is not None else step.scores[0].cpu()
@@ -87,6 +90,10 @@ def run_chat(lm: Any, bank: Any, args: argparse.Namespace, steering: Steering | 
             sys.stdout.flush()
         history.append({"role": "assistant", "content": decoder.text})
         mean = total / max(n, 1)
+        for rule in gap_rules:
+            gap = monitor.concealment(mean, decoder.text)["gap"][rule.emotion]
+            if (gap > rule.threshold) == rule.above:
+                sys.stdout.write(f"\n [ALERT {rule.describe()}: {gap:.2f}]")
         sys.stdout.write(("\x1b7\n\r\x1b[K\x1b8" if live else "") + "\n")
         print(
             "  mean: " + bar(monitor.emotions, mean)

@@ -27,17 +27,37 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
+def _number(text: str, what: str, kind: type = float) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise EmoscopeError(
+            f"{what}: {text!r} is not a {'number' if kind is float else 'whole number'}."
+        ) from None
+
+
 def _layers(text: str | None) -> list[int] | None:
+    """``"18"``, ``"16-20"`` or ``"6,12,18"`` -> layer list."""
     if not text:
         return None
     out: list[int] = []
     for part in text.split(","):
         if "-" in part.strip()[1:]:
             a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
+            out.extend(range(_number(a, "--layers", int), _number(b, "--layers", int) + 1))
         else:
-            out.append(int(part))
+            out.append(_number(part, "--layers", int))
     return out
+
+
+def _emotion_strength(item: str, default: float | None) -> tuple[str, float]:
+    """``"happy=0.3"`` or ``"happy"`` (with the default strength)."""
+    name, _, value = item.partition("=")
+    if value:
+        return name.strip(), _number(value, f"--emotion {name}")
+    if default is None:
+        raise EmoscopeError(f"Give a strength for '{item}': --strength S or --emotion {item}=S.")
+    return name.strip(), default
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -61,7 +81,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from emoscope.vectors import Recipe
 
     story: float | str = (
-        args.story_variance if args.story_variance == "auto" else float(args.story_variance)
+        args.story_variance
+        if args.story_variance == "auto"
+        else _number(args.story_variance, "--story-variance")
     )
     recipe = Recipe(
         token_offset=args.token_offset,
@@ -159,17 +181,7 @@ def _model_for(args: argparse.Namespace, bank: Any) -> Any:
 def _steering_from(args: argparse.Namespace, bank: Any) -> Any:
     from emoscope.steer import Steering
 
-    pairs: dict[str, float] = {}
-    for item in args.emotion or []:
-        if "=" in item:
-            name, value = item.split("=", 1)
-            pairs[name.strip()] = float(value)
-        else:
-            if args.strength is None:
-                raise EmoscopeError(
-                    f"Give a strength for '{item}': --strength S or --emotion {item}=S."
-                )
-            pairs[item] = args.strength
+    pairs = dict(_emotion_strength(item, args.strength) for item in args.emotion or [])
     from emoscope.concepts import resolve_emotion
 
     pairs = {resolve_emotion(k): v for k, v in pairs.items()}
@@ -186,7 +198,7 @@ def _steering_from(args: argparse.Namespace, bank: Any) -> Any:
     positions: Any = args.positions
     if positions and ":" in positions:
         a, b = positions.split(":", 1)
-        positions = (int(a), int(b))
+        positions = (_number(a, "--positions", int), _number(b, "--positions", int))
     layers = _layers(args.layers) or [bank.steer_layer]
     return Steering(pairs, layers, positions or "all", force=args.force, extra=extra)
 
@@ -307,8 +319,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     pairs = {}
     for item in args.emotion or []:
-        name, _, value = item.partition("=")
-        pairs[name] = float(value) if value else args.strength
+        name, strength = _emotion_strength(item, args.strength)
+        pairs[name] = strength
     if not pairs:
         raise EmoscopeError("Name --emotion E (or E=S) at least once, or pass --all.")
     print(export_emotions(bank, Path(args.out), pairs, layers))

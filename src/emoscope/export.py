@@ -37,18 +37,26 @@ def write_control_vector(
             "llama.cpp cannot steer layer 0 (direction.0 is invalid); choose layers >= 1."
         )
     path = Path(path)
+    if path.is_dir():
+        raise EmoscopeError(
+            f"{path} is a folder; give a file name such as {path / 'calm.gguf'} (or use --all)."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     writer = GGUFWriter(str(partial), ARCH)
-    writer.add_string(f"{ARCH}.model_hint", model_hint)
-    writer.add_uint32(f"{ARCH}.layer_count", len(vectors))
-    for layer in sorted(vectors):
-        writer.add_tensor(
-            f"direction.{layer}", vectors[layer].detach().float().cpu().numpy().astype(np.float32)
-        )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    try:
+        writer.add_string(f"{ARCH}.model_hint", model_hint)
+        writer.add_uint32(f"{ARCH}.layer_count", len(vectors))
+        for layer in sorted(vectors):
+            data = vectors[layer].detach().float().cpu().numpy().astype(np.float32)
+            writer.add_tensor(f"direction.{layer}", data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
     writer.close()
     partial.replace(path)
     return path

@@ -377,11 +377,8 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             },
         }
         recipe = chosen
-        two_thirds = (
-            layers[min(len(layers) - 1, round(2 / 3 * (lm.n_layers - 1)) - layers[0])]
-            if layers
-            else 0
-        )
+        target = round(2 / 3 * (lm.n_layers - 1))
+        two_thirds = min(layers, key=lambda layer: (abs(layer - target), layer))
 
     with timer.stage("validation and geometry"):
         manifest = {

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from emoscope.batching import Batch, encode
 from emoscope.chat import ChatText, format_chat
@@ -365,8 +366,11 @@ def _from_folder(
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement, **kwargs)
-    if device != "auto":
-        model.to(device)
+    if device not in ("auto", "cpu"):
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise EmoscopeError(f"Cannot place the model on device '{device}': {exc}") from None
     return model, tokenizer
 
 
@@ -385,7 +389,9 @@ def _load_gguf(
                 folder, dtype, device, bool(marker.get("direct_tokenizer"))
             )
             return model, tokenizer, not built_now
-        except Exception as exc:  # a corrupt cache entry: rebuild it once
+        except EmoscopeError:
+            raise  # e.g. a device problem: the cache entry is fine
+        except (OSError, ValueError, SafetensorError) as exc:  # unreadable entry: rebuild once
             if attempt or built_now:
                 raise
             log.warning("Cache entry %s is unreadable (%s); rebuilding", folder, exc)
@@ -410,6 +416,8 @@ def _load_hub(name: str, dtype: torch.dtype | str, device: str) -> tuple[Any, An
     try:
         model, tokenizer = _from_folder(name, dtype, device, local_files_only=True)
         return model, tokenizer, True
+    except EmoscopeError:
+        raise
     except Exception:
         if "/" not in name:
             raise _unknown(name) from None
@@ -418,6 +426,8 @@ def _load_hub(name: str, dtype: torch.dtype | str, device: str) -> tuple[Any, An
     try:
         model, tokenizer = _from_folder(name, dtype, device)
         return model, tokenizer, False
+    except EmoscopeError:
+        raise
     except Exception as exc:
         raise _unknown(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 

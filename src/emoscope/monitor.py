@@ -174,10 +174,10 @@ class AlertTracker:
     def __init__(
         self, rules: Sequence[AlertRule], emotions: Sequence[str], batch_size: int
     ) -> None:
-        self.rules = [r for r in rules if r.kind == "z"]
-        for r in self.rules:
+        for r in rules:
             if r.emotion not in emotions:
                 raise EmoscopeError(f"Alert rule on '{r.emotion}', which is not being monitored.")
+        self.rules = [r for r in rules if r.kind == "z"]  # gap rules are judged per response
         self.index = torch.tensor(
             [list(emotions).index(r.emotion) for r in self.rules], dtype=torch.long
         )
@@ -434,7 +434,13 @@ class Monitor:
         on_alert: Callable[[Alert], None] | None = None,
         chat: bool = True,
     ) -> Iterator[MonitorStep]:
-        """Generate for a batch of prompts, yielding every step with its readout and alerts."""
+        """Generate for a batch of prompts, yielding every step with its readout and alerts.
+
+        The model carries the monitoring (and steering) hooks until the generator finishes or
+        is closed; if you may stop early, iterate inside ``contextlib.closing(...)``. Gap rules
+        (``gap:...``) are judged on whole responses by :meth:`generate` and
+        :meth:`concealment`, not per step.
+        """
         sampling = sampling or SamplingConfig()
         rules = [r if isinstance(r, AlertRule) else AlertRule.parse(r) for r in alerts]
         batch = prompts if isinstance(prompts, Batch) else self.encode(prompts, chat)
@@ -560,6 +566,8 @@ def load_transcript(path: Path | str) -> list[dict[str, str]]:
         data = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise EmoscopeError(f"No such transcript file: {path}") from None
+    except OSError as exc:
+        raise EmoscopeError(f"Cannot read transcript {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise EmoscopeError(f"{path} is not valid JSON: {exc}") from None
     turns = data.get("turns") if isinstance(data, dict) else data

@@ -119,6 +119,20 @@ def principal_components(cov: torch.Tensor, variance: float) -> torch.Tensor:
     return vectors[:, :k].float()
 
 
+def orthonormal_span(columns: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
+    """An orthonormal basis of the span of ``columns`` (rank-aware: dependent columns drop out)."""
+    if columns.shape[1] == 0:
+        return columns
+    u, s, _ = torch.linalg.svd(columns.double(), full_matrices=False)
+    rank = int((s > tolerance * s.max()).sum())
+    if rank >= columns.shape[0]:
+        raise EmoscopeError(
+            "The directions to project out span the whole residual space; lower neutral_variance "
+            "or story_variance."
+        )
+    return u[:, :rank].float()
+
+
 def project_out(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return v - (v @ basis) @ basis.T if basis.numel() else v
 

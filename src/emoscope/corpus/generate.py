@@ -12,6 +12,7 @@ batch, in the corpus format that ``emoscope extract --stories`` reads.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -181,13 +182,29 @@ def _prompt(cell: Cell, plan: GenerationPlan) -> str:
     return template.format(n=plan.per_call, premise=cell.premise.rstrip("."), emotion=cell.emotion)
 
 
+def _check_plan(out: Path, lm: Any, plan: GenerationPlan) -> None:
+    """One folder, one model and one kind: resuming with another would mix two corpora."""
+    identity = {"kind": plan.kind, "model": lm.name, "per_call": plan.per_call}
+    record = out / "plan.json"
+    if record.exists():
+        previous = json.loads(record.read_text())
+        changed = [k for k in identity if previous.get(k) != identity[k]]
+        if changed:
+            raise EmoscopeError(
+                f"{out} holds a generation run with a different {', '.join(changed)} "
+                f"({', '.join(f'{k}={previous.get(k)!r}' for k in changed)}); choose another --out."
+            )
+    else:
+        if (out / "log.jsonl").exists():
+            raise EmoscopeError(f"{out} has a log.jsonl but no plan.json; choose another --out.")
+        record.write_text(json.dumps(identity, indent=1))
+
+
 def _rebuild(out: Path, plan: GenerationPlan) -> Path:
     """Write the corpus file from the log (atomically), so it always matches finished cells."""
     name = "neutral.jsonl" if plan.kind == "neutral" else "stories.jsonl"
     target = out / name
     partial = out / f"{name}.partial-{os.getpid()}"
-    import json
-
     with partial.open("w", encoding="utf-8") as f:
         for entry in iter_complete_jsonl(out / "log.jsonl"):
             for item in entry.get("items", []):
@@ -202,6 +219,7 @@ def generate_corpus(
     """Generate (or resume generating) a corpus into ``out``; returns counts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_plan(out, lm, plan)
     log = out / "log.jsonl"
     done = {entry["cell"] for entry in iter_complete_jsonl(log) if "cell" in entry}
     kept: dict[str, list[str]] = {}

@@ -191,12 +191,16 @@ def load_neutral(path: Path | None = None) -> list[Dialogue]:
 
 
 def corpus_sha256(stories: Iterable[Story], dialogues: Iterable[Dialogue] = ()) -> str:
-    """Content hash of a corpus, recorded in every bank built from it."""
+    """Content hash of a corpus, in load order, recorded in every bank built from it.
+
+    Order matters: cached activations are stored by position, so a reordered corpus is a
+    different corpus.
+    """
     digest = hashlib.sha256()
-    for item in sorted(json.dumps(asdict(s), sort_keys=True) for s in stories):
+    for item in (json.dumps(asdict(s), sort_keys=True) for s in stories):
         digest.update(item.encode("utf-8") + b"\n")
     digest.update(b"--neutral--\n")
-    for item in sorted(json.dumps(asdict(d), sort_keys=True) for d in dialogues):
+    for item in (json.dumps(asdict(d), sort_keys=True) for d in dialogues):
         digest.update(item.encode("utf-8") + b"\n")
     return digest.hexdigest()
 
