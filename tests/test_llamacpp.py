@@ -108,6 +108,7 @@ def test_exported_vector_steers_llama_cpp_like_emoscope(small_run, smollm, tmp_p
         change_hf = _hf_logprobs(smollm, prompt_ids, words, vectors) - base_hf
         own = words.index(emotion)
         others = np.delete(change_cpp, own)
-        assert change_cpp[own] > 0 and change_cpp[own] > others.mean() + 0.5, (emotion, change_cpp)
+        # The steered emotion's own word gains on the other emotion words by at least 0.5 nats.
+        assert change_cpp[own] > others.mean() + 0.5, (emotion, change_cpp)
         # llama.cpp's quantised kernels differ numerically; the pattern over 12 words must agree.
         assert np.corrcoef(change_cpp, change_hf)[0, 1] > 0.8, (emotion, change_cpp, change_hf)
