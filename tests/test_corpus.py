@@ -162,4 +162,4 @@ def test_append_log_survives_a_torn_last_line(tmp_path):
 
 def test_corpus_card_is_current():
     card = (ROOT / "docs" / "corpus.md").read_text()
-    assert card == build_card(), "docs/corpus.md is stale: run `emoscope corpus-card`"
+    assert card == build_card(), "docs/corpus.md is stale: run `emoscope corpus card`"
