@@ -28,28 +28,20 @@ def png(fig: Any) -> str:
 def layer_sweep(sweep: Sequence[dict[str, Any]], default_layer: int, two_thirds: int) -> str:
     layers = [s["layer"] for s in sweep]
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.plot(
-        layers, [s["test"]["top1"] for s in sweep], "-o", ms=3, label="test top-1", color=PALETTE[0]
-    )
-    ax.plot(
-        layers, [s["test"]["top5"] for s in sweep], "-o", ms=3, label="test top-5", color=PALETTE[1]
-    )
-    ax.plot(
-        layers,
-        [s["cv_train"]["top1"] for s in sweep],
-        "--",
-        label="train CV top-1",
-        color=PALETTE[0],
-        alpha=0.6,
-    )
-    ax.plot(
-        layers,
-        [s["cv_train"]["top5"] for s in sweep],
-        "--",
-        label="train CV top-5",
-        color=PALETTE[1],
-        alpha=0.6,
-    )
+    for split, style, alpha, name in (
+        ("test", "-o", 1.0, "test"),
+        ("cv_train", "--", 0.6, "train CV"),
+    ):
+        for k, color in (("top1", PALETTE[0]), ("top5", PALETTE[1])):
+            ax.plot(
+                layers,
+                [s[split][k] for s in sweep],
+                style,
+                ms=3,
+                label=f"{name} {k[:3]}-{k[3:]}",
+                color=color,
+                alpha=alpha,
+            )
     ax.plot(
         layers,
         [abs(s["pc1_valence_r"]) for s in sweep],
