@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,6 +14,23 @@ from emoscope.activations import text_means
 from emoscope.errors import BankMismatchError, EmoscopeError, RunDirectoryError
 from emoscope.extract import ExtractConfig, extract
 from emoscope.vectors import EmotionVectors, Recipe
+
+
+def interrupt_encode_on_call(monkeypatch, n: int) -> Callable[[], None]:
+    """Make the n-th batch encoding raise KeyboardInterrupt, as a Ctrl-C in the middle would."""
+    import emoscope.activations as acts
+
+    calls = {"n": 0}
+    real = acts.encode
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(acts, "encode", crashing)
+    return lambda: monkeypatch.setattr(acts, "encode", real)
 
 
 def test_bank_files_and_manifest(small_run):
@@ -124,24 +142,13 @@ def test_interrupted_activation_run_resumes_to_the_same_result(tiny_lm, tmp_path
     lm = tiny_lm("llama")
     texts = [f"story number {i} " + "word " * (10 + i % 7) for i in range(40)]
     full = text_means(lm, texts, token_offset=3, max_batch=8, progress=False)
-    import emoscope.activations as acts
-
-    calls = {"n": 0}
-    real = acts.encode
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(acts, "encode", crashing)
+    restore = interrupt_encode_on_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         text_means(
             lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False
         )
     assert len(list((tmp_path / "ckpt").glob("chunk-*"))) == 2
-    monkeypatch.setattr(acts, "encode", real)
+    restore()
     resumed = text_means(
         lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False
     )
@@ -154,23 +161,14 @@ def test_interrupted_neutral_moments_resume_to_the_same_result(tiny_lm, tmp_path
     lm = tiny_lm("qwen2")
     texts = [f"dialogue {i}: " + "text " * (5 + i % 9) for i in range(48)]
     full = acts.neutral_moments(lm, texts, max_batch=4, progress=False)
-    calls = {"n": 0}
-    real = acts.encode
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(acts, "encode", crashing)
+    restore = interrupt_encode_on_call(monkeypatch, 7)
     ckpt = tmp_path / "neutral.ckpt.safetensors"
     with pytest.raises(KeyboardInterrupt):
         acts.neutral_moments(
             lm, texts, max_batch=4, progress=False, checkpoint=ckpt, checkpoint_every=2
         )
     assert ckpt.exists()
-    monkeypatch.setattr(acts, "encode", real)
+    restore()
     resumed = acts.neutral_moments(  # a different batch size must not double-count anything
         lm, texts, max_batch=3, progress=False, checkpoint=ckpt, checkpoint_every=2
     )
