@@ -22,7 +22,7 @@ from emoscope.generation import SamplingConfig, collect, decode_steps, eos_ids
 from emoscope.models import load_model
 from emoscope.monitor import Monitor
 from emoscope.steer import Steerer, Steering
-from emoscope.vectors import EmotionVectors, unit_rows
+from emoscope.vectors import EmotionVectors, two_thirds_layer, unit_rows
 
 PROMPTS = [
     "Describe an ordinary Tuesday morning.", "Explain how a bicycle gear works.", "List five uses of a paperclip.",
@@ -62,7 +62,7 @@ def main() -> None:
     bank = (
         EmotionVectors.load(args.bank, model=lm)
         if args.bank
-        else synthetic_bank(lm, round(2 / 3 * (lm.n_layers - 1)))
+        else synthetic_bank(lm, two_thirds_layer(range(lm.n_layers), lm.n_layers))
     )
     monitor = Monitor(lm, bank)  # all emotions in the bank, at its default layer
     steerer = Steerer(lm, bank)

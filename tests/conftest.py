@@ -150,11 +150,11 @@ def synthetic_bank(
 # ----- a small real bank: the default model on a 16-emotion slice of the corpus (about 40 s) -----
 import json  # noqa: E402
 
-from emoscope.analysis.steering_checks import FEELING_EMOTIONS  # noqa: E402
+from emoscope.concepts import CORE_EMOTIONS  # noqa: E402
 from emoscope.corpus.records import load_neutral, load_stories, record  # noqa: E402
 from emoscope.extract import ExtractConfig, extract  # noqa: E402
 
-SLICE_EMOTIONS = [*FEELING_EMOTIONS, "bored", "serene", "furious", "hopeful"]
+SLICE_EMOTIONS = [*CORE_EMOTIONS, "bored", "serene", "furious", "hopeful"]
 LAYERS = [6, 12, 18, 19, 24]
 
 

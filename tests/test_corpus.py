@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from emoscope.concepts import (
+    CORE_EMOTIONS,
     EMOTIONS,
     find_forbidden,
     forbidden_words,
@@ -101,7 +102,8 @@ def test_neutral_dialogues_pass():
 
 def test_eval_prompts():
     prompts = load_eval_prompts()
-    assert len(prompts["implicit"]) >= 36 and len(prompts["implicit_targets"]) == 12
+    assert len(prompts["implicit"]) >= 36
+    assert prompts["implicit_targets"] == list(CORE_EMOTIONS)
     for p in prompts["implicit"]:
         for target in prompts["implicit_targets"]:
             assert not find_forbidden(target, p["text"]), (p["id"], target)

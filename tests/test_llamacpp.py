@@ -89,9 +89,9 @@ def test_exported_vector_steers_llama_cpp_like_emoscope(small_run, smollm, tmp_p
     from emoscope.vectors import EmotionVectors
 
     bank = EmotionVectors.load(small_run[0].out, model=smollm)
-    from emoscope.analysis.steering_checks import FEELING_EMOTIONS
+    from emoscope.concepts import CORE_EMOTIONS
 
-    words = list(FEELING_EMOTIONS)
+    words = list(CORE_EMOTIONS)
     gguf_model = _embedded_gguf(EMBEDDED["smollm2-135m-instruct"])
     prompt = smollm.chat([{"role": "user", "content": "How does he feel?"}]).text + "He feels"
     prompt_ids = smollm.tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -7,9 +7,11 @@ from emoscope.errors import EmoscopeError
 from emoscope.vectors import (
     Recipe,
     build_layer,
+    build_layers,
     orthonormal_span,
     principal_components,
     project_out,
+    two_thirds_layer,
 )
 
 
@@ -46,3 +48,34 @@ def test_vectors_are_unit_centred_and_orthogonal_to_projected_directions():
     torch.testing.assert_close(layer.raw, raw / raw.norm(dim=1, keepdim=True))
     assert layer.n_components > 3
     torch.testing.assert_close(project_out(layer.vectors, basis), layer.vectors, atol=1e-5, rtol=0)
+
+
+def test_story_directions_inside_the_neutral_span_add_no_components():
+    """Within-emotion directions already projected out must not be counted (or filled) twice."""
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(4).repeat_interleave(10)
+    noise_dirs = torch.linalg.qr(torch.randn(16, 2, generator=g))[0]
+    noise = torch.randn(40, 2, generator=g) @ noise_dirs.T * 5
+    means = torch.randn(4, 16, generator=g)[labels] + noise
+    layer = build_layer(means, labels, 4, noise_dirs, Recipe(story_variance=0.5))
+    assert layer.n_components == 2
+    assert (layer.vectors @ noise_dirs).abs().max() < 1e-5
+
+
+def test_levels_share_one_decomposition_and_match_single_builds():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(5).repeat_interleave(8)
+    means = torch.randn(5, 12, generator=g)[labels] + 0.5 * torch.randn(40, 12, generator=g)
+    basis = torch.linalg.qr(torch.randn(12, 2, generator=g))[0]
+    levels = [0.0, 0.3, 0.6]
+    together = build_layers(means, labels, 5, basis, levels)
+    for level, layer in zip(levels, together, strict=True):
+        alone = build_layer(means, labels, 5, basis, Recipe(story_variance=level))
+        torch.testing.assert_close(layer.vectors, alone.vectors)
+    assert together[0].n_components == 2 < together[1].n_components < together[2].n_components
+
+
+def test_two_thirds_layer_is_the_nearest_available_layer():
+    assert two_thirds_layer(range(30), 30) == 19
+    assert two_thirds_layer([0, 10, 20, 29], 30) == 20
+    assert two_thirds_layer([4, 8, 12]) == 8  # without the depth, the deepest layer stands in

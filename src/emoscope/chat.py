@@ -85,7 +85,6 @@ def format_plain(
     turns: Sequence[dict[str, str]], add_generation_prompt: bool = True
 ) -> tuple[str, int | None]:
     """``Human: ...\\n\\nAssistant: ...`` framing; returns the text and the last user end offset."""
-    parts: list[str] = []
     text = ""
     last_user_end = None
     for turn in turns:
@@ -96,7 +95,6 @@ def format_plain(
             if turn["role"] == "user":
                 last_user_end = len(text) + len(piece)
             piece += "\n\n"
-        parts.append(piece)
         text += piece
     if add_generation_prompt:
         text += "Assistant:"

@@ -282,7 +282,7 @@ def cmd_validate_steering(args: argparse.Namespace) -> int:
     lm = _model_for(args, bank)
     result = validate_steering(
         lm,
-        Steerer(lm, bank),
+        Steerer(lm, bank, allow_other_model=args.allow_other_model),
         layers,
         args.feeling_strength,
         args.max_strength,

@@ -54,6 +54,11 @@ EMOTIONS: tuple[str, ...] = tuple(c.name for c in _concepts())
 
 _INDEX = {name: i for i, name in enumerate(EMOTIONS)}
 
+CORE_EMOTIONS = ("happy", "sad", "afraid", "angry", "calm", "desperate", "loving", "guilty",
+                 "proud", "nervous", "surprised", "inspired")  # fmt: skip
+"""Twelve common emotions spread over valence and arousal: the implicit-prompt targets, the
+logit-lens rows of the report and the emotions of the steering checks."""
+
 
 def emotion_index(name: str) -> int:
     return _INDEX[resolve_emotion(name)]

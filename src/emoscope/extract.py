@@ -56,7 +56,7 @@ from emoscope.analysis.prompts import (
     intensity_trend,
     z_scores,
 )
-from emoscope.concepts import EMOTIONS, human_norms
+from emoscope.concepts import CORE_EMOTIONS, EMOTIONS, human_norms
 from emoscope.corpus.records import (
     Dialogue,
     Story,
@@ -75,12 +75,10 @@ from emoscope.vectors import (
     build_layer,
     covariance_of,
     neutral_basis,
+    two_thirds_layer,
 )
 
 log = logging.getLogger(__name__)
-
-LOGIT_LENS_EMOTIONS = ("desperate", "sad", "afraid", "calm", "happy", "loving", "angry",
-                       "inspired", "proud", "guilty", "nervous", "surprised")  # fmt: skip
 
 
 @dataclass
@@ -322,17 +320,17 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             neutral_cov = (
                 nm.cov[i] if recipe.neutral_pca == "tokens" else covariance_of(nm.text_means[:, i])
             )
-            bases[layer] = neutral_basis(neutral_cov, recipe, lm.hidden_size)
-            for level in recipe.story_levels:
-                cv[(level, layer)] = cross_validated_accuracy(
-                    sm.means[train, i],
-                    labels[train],
-                    train_topics,
-                    len(emotions),
-                    bases[layer],
-                    recipe.with_story_variance(level),
-                    config.cv_folds,
-                )
+            bases[layer] = neutral_basis(neutral_cov, recipe)
+            by_level = cross_validated_accuracy(
+                sm.means[train, i],
+                labels[train],
+                train_topics,
+                len(emotions),
+                bases[layer],
+                recipe.story_levels,
+                config.cv_folds,
+            )
+            cv.update({(level, layer): acc for level, acc in by_level.items()})
         level, default_layer = choose(cv)
         chosen = recipe.with_story_variance(level)
         per_layer: dict[int, LayerVectors] = {}
@@ -377,8 +375,7 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             },
         }
         recipe = chosen
-        target = round(2 / 3 * (lm.n_layers - 1))
-        two_thirds = min(layers, key=lambda layer: (abs(layer - target), layer))
+        two_thirds = two_thirds_layer(layers, lm.n_layers)
 
     with timer.stage("validation and geometry"):
         manifest = {
@@ -471,32 +468,28 @@ def analyse(
     usable = [i for i, p in enumerate(prompts["implicit"]) if p["emotion"] in targets]
     labels = [prompts["implicit"][i]["emotion"] for i in usable]
     implicit_readouts = pr["implicit"][usable]
-    implicit_by_layer = []
-    for lj, lay in enumerate(layers):
+
+    def implicit_at(lj: int, lay: int) -> tuple[dict[str, Any], dict[str, Any]]:
         scores = bank.scores(implicit_readouts[:, lj], lay)[:, rows]
-        z = z_scores(
-            scores,
+        mean, std = (
             bank.stat("prompt_score_mean", lay)[rows],
             bank.stat("prompt_score_std", lay)[rows],
         )
-        implicit_by_layer.append(
-            {
-                "layer": lay,
-                "z_scored": implicit_accuracy(z, targets, labels)["accuracy"],
-                "centred": implicit_accuracy(scores, targets, labels)["accuracy"],
-            }
+        return (
+            implicit_accuracy(z_scores(scores, mean, std), targets, labels),
+            implicit_accuracy(scores, targets, labels),
         )
-    scores = bank.scores(implicit_readouts[:, li], layer)[:, rows]
-    z = z_scores(
-        scores,
-        bank.stat("prompt_score_mean", layer)[rows],
-        bank.stat("prompt_score_std", layer)[rows],
-    )
+
+    by_layer = {lay: implicit_at(lj, lay) for lj, lay in enumerate(layers)}
+    implicit_by_layer = [
+        {"layer": lay, "z_scored": z["accuracy"], "centred": c["accuracy"]}
+        for lay, (z, c) in by_layer.items()
+    ]
     implicit = {
         "targets": targets,
         "layer": layer,
-        "z_scored": implicit_accuracy(z, targets, labels),
-        "centred": implicit_accuracy(scores, targets, labels),
+        "z_scored": by_layer[layer][0],
+        "centred": by_layer[layer][1],
         "by_layer": implicit_by_layer,
         "prompts": [prompts["implicit"][i]["text"] for i in usable],
     }
@@ -563,9 +556,9 @@ def analyse(
         "opposites": {e: emotions[int(np.argmin(sim[i]))] for i, e in enumerate(emotions)},
         "cosine": sim.round(4).tolist(),
     }
-    lens_rows = [emotions.index(e) for e in LOGIT_LENS_EMOTIONS if e in emotions]
+    lens_rows = [emotions.index(e) for e in CORE_EMOTIONS if e in emotions]
     lens = logit_lens(lm, vectors[lens_rows], k=10)
-    per_emotion_test = _per_emotion_test(bank, sm, stories, layers, layer)
+    per_emotion_test = _per_emotion_test(bank, sm, stories, layer)
     return {
         "implicit": implicit,
         "intensity": intensity,
@@ -576,13 +569,13 @@ def analyse(
 
 
 def _per_emotion_test(
-    bank: EmotionVectors, sm: TextMeans, stories: Sequence[Story], layers: list[int], layer: int
+    bank: EmotionVectors, sm: TextMeans, stories: Sequence[Story], layer: int
 ) -> dict[str, Any]:
     """Rank of the true emotion for each test story, summarised per emotion."""
     test = [i for i, s in enumerate(stories) if s.split == "test"]
     if not test:
         return {}
-    x = sm.means[test, layers.index(layer)]
+    x = sm.at(layer)[test]
     scores = bank.scores(x, layer)
     out: dict[str, Any] = {}
     for row, i in enumerate(test):

@@ -43,15 +43,12 @@ class Step:
     index: int
     tokens: torch.Tensor
     """``[batch]`` ids; rows that had already finished get the pad id."""
-    finished: torch.Tensor
-    """``[batch]`` bool, True for rows that are done after this step."""
     active: torch.Tensor
     """``[batch]`` bool, True for rows that produced a real token in this step."""
 
 
 @dataclass
 class Generation:
-    prompt_width: int
     tokens: list[list[int]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
 
@@ -104,25 +101,32 @@ def decode_steps(
         generator = torch.Generator(device=batch.input_ids.device).manual_seed(config.seed)
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     eos_tensor = torch.tensor(list(eos), device=batch.input_ids.device, dtype=torch.long)
+    can_stop = config.stop_at_eos and eos_tensor.numel() > 0
     finished = torch.zeros(batch.size, dtype=torch.bool, device=batch.input_ids.device)
-    mask = batch.attention_mask
+    width = batch.attention_mask.shape[1]
+    mask = torch.ones(
+        batch.size,
+        width + config.max_new_tokens,
+        dtype=batch.attention_mask.dtype,
+        device=batch.attention_mask.device,
+    )
+    mask[:, :width] = batch.attention_mask
     positions = batch.position_ids[:, -1:]
     with torch.inference_mode():
         out = model(**batch.inputs(), use_cache=True, **extra)
         for index in range(config.max_new_tokens):
             tokens = _pick(out.logits[:, -1, :], config, generator)
             active = ~finished
-            tokens = torch.where(active, tokens, torch.full_like(tokens, pad_id))
-            if config.stop_at_eos and eos_tensor.numel():
+            tokens = tokens.masked_fill(finished, pad_id)
+            if can_stop:
                 finished = finished | (active & torch.isin(tokens, eos_tensor))
-            yield Step(index, tokens, finished.clone(), active)
-            if bool(finished.all()) or index == config.max_new_tokens - 1:
+            yield Step(index, tokens, active)
+            if index == config.max_new_tokens - 1 or (can_stop and bool(finished.all())):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions + 1
             out = model(
                 input_ids=tokens.unsqueeze(1),
-                attention_mask=mask,
+                attention_mask=mask[:, : width + index + 1],
                 position_ids=positions,
                 past_key_values=out.past_key_values,
                 use_cache=True,
@@ -153,6 +157,14 @@ def split_rows(
     return [[t for t, k in zip(row_ids, row_keep) if k] for row_ids, row_keep in zip(ids, keep)]
 
 
+def decode_rows(lm: Any, batch: Batch, config: SamplingConfig) -> list[list[int]]:
+    """Each row's generated ids for an encoded batch (whatever hooks are active apply)."""
+    steps = decode_steps(
+        lm.model, batch, config, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id or 0
+    )
+    return collect(steps, batch.size)
+
+
 def generate(
     lm: Any,
     prompts: Sequence[str],
@@ -160,13 +172,6 @@ def generate(
     add_special_tokens: bool = True,
 ) -> Generation:
     """Batched generation for raw prompt strings; returns ids and decoded texts per prompt."""
-    config = config or SamplingConfig()
     batch = encode(lm.tokenizer, prompts, lm.device, add_special_tokens=add_special_tokens)
-    rows = collect(
-        decode_steps(
-            lm.model, batch, config, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id or 0
-        ),
-        batch.size,
-    )
-    texts = [lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-    return Generation(batch.width, rows, texts)
+    rows = decode_rows(lm, batch, config or SamplingConfig())
+    return Generation(rows, [lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows])

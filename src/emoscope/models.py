@@ -478,31 +478,21 @@ def load_model(
     else:
         model, tokenizer, from_cache = _load_hub(name_or_path, torch_dtype, device)
         name, source = name_or_path, f"Hugging Face {name_or_path}"
-    model.eval()
-    model.requires_grad_(False)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    adapter = adapter_for(model)
-    return LoadedModel(
-        name=name,
-        model=model,
-        tokenizer=tokenizer,
-        adapter=adapter,
-        source=source,
-        load_seconds=time.perf_counter() - start,
-        from_cache=from_cache,
-    )
+    lm = wrap_model(model, tokenizer, name, source)
+    lm.load_seconds, lm.from_cache = time.perf_counter() - start, from_cache
+    return lm
 
 
-def wrap_model(model: Any, tokenizer: Any, name: str) -> LoadedModel:
+def wrap_model(
+    model: Any, tokenizer: Any, name: str, source: str = "in-memory model"
+) -> LoadedModel:
     """Use an already-constructed transformers model (e.g. built in a notebook) with emoscope."""
     model.eval()
     model.requires_grad_(False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return LoadedModel(name, model, tokenizer, adapter_for(model), source="in-memory model")
+    return LoadedModel(name, model, tokenizer, adapter_for(model), source)
 
 
 def preferred_dtype(device: str = "cpu") -> str:

@@ -77,8 +77,8 @@ class Readout:
         values = self.z if use_z and self.z is not None else self.scores
         best = values.topk(min(k, values.shape[1]), dim=1)
         return [
-            [(self.emotions[int(i)], float(v)) for v, i in zip(vals, idx)]
-            for vals, idx in zip(best.values, best.indices)
+            [(self.emotions[i], v) for v, i in zip(vals, idx)]
+            for vals, idx in zip(best.values.tolist(), best.indices.tolist())
         ]
 
     def mean(self, role: str | None = None, use_z: bool = True) -> torch.Tensor:
@@ -94,10 +94,10 @@ class Readout:
             "layers": self.layers,
             "mode": self.mode,
             "tokens": self.tokens,
-            "scores": [[round(float(v), decimals) for v in row] for row in self.scores],
+            "scores": self.scores.double().round(decimals=decimals).tolist(),
         }
         if self.z is not None:
-            out["z"] = [[round(float(v), decimals) for v in row] for row in self.z]
+            out["z"] = self.z.double().round(decimals=decimals).tolist()
         if self.roles is not None:
             out["roles"] = self.roles
         return out
@@ -350,44 +350,41 @@ class Monitor:
             [list(token_ids)], self.lm.tokenizer.pad_token_id or 0, self.lm.device
         )
         with self.reader() as reader:
-            reader.run(**batch.inputs())
-            scores, z = self._combine(reader, lambda x: x[0])
-        tokens = [self.lm.tokenizer.decode([i]) for i in token_ids]
-        return Readout(
-            self.emotions,
-            tokens,
-            list(token_ids),
-            scores.cpu(),
-            None if z is None else z.cpu(),
-            self.layers,
-            self.mode,
-        )
+            return self._readout(reader, batch, None)
 
     def score_many(
         self, texts: Sequence[str | Sequence[dict[str, str]]], style: str = "auto"
     ) -> list[Readout]:
+        """One readout per text, each run alone so that no padding enters its statistics."""
         prepared = [self._prepare(t, style) for t in texts]
-        out: list[Readout] = []
-        for text, special, roles in prepared:
-            batch = encode(self.lm.tokenizer, [text], self.lm.device, special)
-            with self.reader() as reader:
-                reader.run(**batch.inputs())
-                scores, z = self._combine(reader, lambda x: x[0])
-            ids = batch.input_ids[0].tolist()
-            tokens = [self.lm.tokenizer.decode([i]) for i in ids]
-            out.append(
-                Readout(
-                    self.emotions,
-                    tokens,
-                    ids,
-                    scores.cpu(),
-                    None if z is None else z.cpu(),
-                    self.layers,
-                    self.mode,
-                    roles(ids) if roles else None,
+        with self.reader() as reader:
+            return [
+                self._readout(
+                    reader, encode(self.lm.tokenizer, [text], self.lm.device, special), roles
                 )
-            )
-        return out
+                for text, special, roles in prepared
+            ]
+
+    def _readout(
+        self,
+        reader: ResidualReader,
+        batch: Batch,
+        roles: Callable[[list[int]], list[str]] | None,
+    ) -> Readout:
+        reader.clear()
+        reader.run(**batch.inputs())
+        scores, z = self._combine(reader, lambda x: x[0])
+        ids = batch.input_ids[0].tolist()
+        return Readout(
+            self.emotions,
+            [self.lm.tokenizer.decode([i]) for i in ids],
+            ids,
+            scores.cpu(),
+            None if z is None else z.cpu(),
+            self.layers,
+            self.mode,
+            roles(ids) if roles else None,
+        )
 
     def _prepare(
         self, item: str | Sequence[dict[str, str]], style: str
@@ -449,8 +446,8 @@ class Monitor:
         tracker = AlertTracker(rules, self.emotions, batch.size)
         eos = eos_ids(self.lm.model, self.lm.tokenizer)
         pad = self.lm.tokenizer.pad_token_id or 0
-        steerer = Steerer(self.lm, self.full_bank, allow_other_model=True) if steering else None
-        with self._steering(steerer, steering, batch), self.reader() as reader:
+        steerer = Steerer(self.lm, self.full_bank, allow_other_model=True)
+        with steerer.apply(steering, batch), self.reader() as reader:
             for step in decode_steps(self.lm.model, batch, sampling, eos, pad):
                 scores, z = self._combine(reader, lambda x: x[:, -1])
                 fired = tracker.update(z, step.index, step.active) if z is not None else []
@@ -459,11 +456,6 @@ class Monitor:
                         on_alert(alert)
                 reader.clear()
                 yield MonitorStep(step.index, step.tokens, step.active, scores, z, fired)
-
-    def _steering(self, steerer: Steerer | None, steering: Steering | None, batch: Batch) -> Any:
-        from contextlib import nullcontext
-
-        return steerer.apply(steering, batch) if steerer and steering else nullcontext()
 
     def encode(self, prompts: Sequence[str], chat: bool = True) -> Batch:
         return self.lm.encode_prompts(prompts, chat)

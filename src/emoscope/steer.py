@@ -17,7 +17,7 @@ import torch
 
 from emoscope.batching import Batch
 from emoscope.errors import EmoscopeError
-from emoscope.generation import SamplingConfig, collect, decode_steps, eos_ids
+from emoscope.generation import SamplingConfig, decode_rows
 from emoscope.hooks import (
     PassTracker,
     PositionRule,
@@ -126,12 +126,17 @@ class Steerer:
         self.lm, self.bank = lm, bank
 
     @contextmanager
-    def apply(self, steering: Steering, batch: Batch | None = None) -> Iterator[PassTracker]:
+    def apply(
+        self, steering: Steering | None, batch: Batch | None = None
+    ) -> Iterator[PassTracker | None]:
         """Hooks that add the steering vectors while the block runs (removed on exit).
 
         ``batch`` is needed for ``prompt``, ``response`` and span positions (it fixes the prompt
-        width and each row's padding).
+        width and each row's padding). ``steering=None`` adds nothing, so callers need no branch.
         """
+        if steering is None:
+            yield None
+            return
         if steering.positions != "all" and batch is None:
             raise EmoscopeError(
                 "Steering by prompt/response/span positions needs the batch being run."
@@ -144,6 +149,13 @@ class Steerer:
     def encode(self, prompts: Sequence[str], chat: bool = True) -> Batch:
         return self.lm.encode_prompts(prompts, chat)
 
+    def generate_rows(
+        self, batch: Batch, steering: Steering | None, sampling: SamplingConfig
+    ) -> list[list[int]]:
+        """Generated ids of an already-encoded batch, steered (or plain with ``None``)."""
+        with self.apply(steering, batch):
+            return decode_rows(self.lm, batch, sampling)
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -152,13 +164,7 @@ class Steerer:
         chat: bool = True,
     ) -> list[str]:
         """Steered (or, with ``steering=None``, plain) batched generation; returns the replies."""
-        sampling = sampling or SamplingConfig()
-        batch = self.encode(prompts, chat)
-        eos = eos_ids(self.lm.model, self.lm.tokenizer)
-        pad = self.lm.tokenizer.pad_token_id or 0
-        if steering is None:
-            rows = collect(decode_steps(self.lm.model, batch, sampling, eos, pad), batch.size)
-        else:
-            with self.apply(steering, batch):
-                rows = collect(decode_steps(self.lm.model, batch, sampling, eos, pad), batch.size)
+        rows = self.generate_rows(
+            self.encode(prompts, chat), steering, sampling or SamplingConfig()
+        )
         return [self.lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]

@@ -98,6 +98,16 @@ class Recipe:
         )
 
 
+def two_thirds_layer(layers: Sequence[int], n_layers: int | None = None) -> int:
+    """The available layer nearest two thirds of the model's depth (the paper's "mid-late" layer).
+
+    ``n_layers`` is the model's depth; without it the deepest available layer stands in.
+    """
+    depth = n_layers if n_layers is not None else max(layers) + 1
+    target = round(2 / 3 * (depth - 1))
+    return min(layers, key=lambda layer: (abs(layer - target), layer))
+
+
 def class_means(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """``[n_classes, hidden]`` mean of the rows of ``x`` with each label (all classes needed)."""
     sums = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x.double())
@@ -108,15 +118,26 @@ def class_means(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.
     return (sums / counts.unsqueeze(1)).float()
 
 
+def eigen(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a covariance, in float64."""
+    values, vectors = torch.linalg.eigh(cov.double())
+    return values.flip(0).clamp(min=0), vectors.flip(1)
+
+
+def top_components(values: torch.Tensor, vectors: torch.Tensor, variance: float) -> torch.Tensor:
+    """``[hidden, k]`` leading eigenvectors that together explain ``variance`` (from :func:`eigen`)."""
+    if variance <= 0:
+        return torch.zeros(vectors.shape[0], 0)
+    share = values.cumsum(0) / values.sum()
+    k = int((share < variance).sum()) + 1
+    return vectors[:, :k].float()
+
+
 def principal_components(cov: torch.Tensor, variance: float) -> torch.Tensor:
     """``[hidden, k]`` top eigenvectors of ``cov`` that together explain ``variance``."""
     if variance <= 0:
         return torch.zeros(cov.shape[0], 0)
-    values, vectors = torch.linalg.eigh(cov.double())
-    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-    share = values.cumsum(0) / values.sum()
-    k = int((share < variance).sum()) + 1
-    return vectors[:, :k].float()
+    return top_components(*eigen(cov), variance)
 
 
 def orthonormal_span(columns: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
@@ -156,11 +177,41 @@ class LayerVectors:
     n_components: int
 
 
-def neutral_basis(neutral_cov: torch.Tensor | None, recipe: Recipe, hidden: int) -> torch.Tensor:
+def neutral_basis(neutral_cov: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """``[hidden, k]`` neutral-text principal components to project out."""
-    if neutral_cov is None:
-        return torch.zeros(hidden, 0)
     return principal_components(neutral_cov, recipe.neutral_variance)
+
+
+def build_layers(
+    story_means: torch.Tensor,
+    labels: torch.Tensor,
+    n_emotions: int,
+    basis: torch.Tensor,
+    story_variances: Sequence[float],
+) -> list[LayerVectors]:
+    """Vectors for one layer at several story-variance levels, from one eigendecomposition.
+
+    ``story_means`` is ``[stories, hidden]`` with integer ``labels``; ``basis`` holds the neutral
+    components (:func:`neutral_basis`). Level ``v`` additionally projects out the within-emotion
+    story directions that explain ``v`` of the stories' variance around their emotion's mean.
+    """
+    per_emotion = class_means(story_means, labels, n_emotions)
+    centre = per_emotion.mean(dim=0)
+    diff = per_emotion - centre
+    within = (
+        eigen(covariance_of(story_means - per_emotion[labels]))
+        if any(v > 0 for v in story_variances)
+        else None
+    )
+    out = []
+    for variance in story_variances:
+        full = basis
+        if variance > 0 and within is not None:
+            full = orthonormal_span(torch.cat([basis, top_components(*within, variance)], dim=1))
+        out.append(
+            LayerVectors(unit_rows(project_out(diff, full)), unit_rows(diff), centre, full.shape[1])
+        )
+    return out
 
 
 def build_layer(
@@ -170,24 +221,10 @@ def build_layer(
     basis: torch.Tensor,
     recipe: Recipe,
 ) -> LayerVectors:
-    """Vectors for one layer from per-story means ``[stories, hidden]`` and integer labels.
-
-    ``basis`` holds the neutral components (:func:`neutral_basis`); ``recipe.story_variance``
-    must be a number here (``auto`` is resolved by the caller).
-    """
-    per_emotion = class_means(story_means, labels, n_emotions)
-    centre = per_emotion.mean(dim=0)
-    diff = per_emotion - centre
-    story_variance = float(recipe.story_variance)  # type: ignore[arg-type]
-    if story_variance > 0:
-        residual = story_means - per_emotion[labels]
-        within = principal_components(
-            residual.double().T @ residual.double() / len(residual), story_variance
-        )
-        basis = torch.linalg.qr(torch.cat([basis, within], dim=1))[0] if basis.numel() else within
-    return LayerVectors(
-        unit_rows(project_out(diff, basis)), unit_rows(diff), centre, int(basis.shape[1])
-    )
+    """:func:`build_layers` at the recipe's story variance (a number here; the caller resolves
+    ``auto``)."""
+    level = float(recipe.story_variance)  # type: ignore[arg-type]
+    return build_layers(story_means, labels, n_emotions, basis, [level])[0]
 
 
 @dataclass
@@ -208,13 +245,21 @@ class EmotionVectors:
 
     @property
     def default_layer(self) -> int:
-        return int(self.manifest.get("default_layer", self.layers[len(self.layers) * 2 // 3]))
+        layer = self.manifest.get("default_layer")
+        return int(layer) if layer is not None else two_thirds_layer(self.layers, self._depth)
 
     @property
     def steer_layer(self) -> int:
         """Default steering layer: about two thirds of the depth (the paper's "mid-late" layer)."""
-        layer = int(self.manifest.get("steer_layer", self.default_layer))
-        return layer if layer in self.vectors else self.default_layer
+        layer = self.manifest.get("steer_layer")
+        if layer is not None and int(layer) in self.vectors:
+            return int(layer)
+        return two_thirds_layer(self.layers, self._depth)
+
+    @property
+    def _depth(self) -> int | None:
+        depth = self.manifest.get("n_layers_model")
+        return int(depth) if depth is not None else None
 
     @property
     def model_name(self) -> str:
@@ -269,7 +314,7 @@ class EmotionVectors:
                 stats[key] = value[rows] if name in PER_EMOTION_STATS else value
         manifest = dict(self.manifest, emotions=names, layers=keep)
         if manifest.get("default_layer") not in keep:
-            manifest["default_layer"] = keep[len(keep) * 2 // 3]
+            manifest["default_layer"] = two_thirds_layer(keep, self._depth)
         return EmotionVectors(names, keep, vectors, stats, manifest)
 
     def check_model(self, model: Any) -> None:

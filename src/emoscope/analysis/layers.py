@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from emoscope.vectors import Recipe, build_layer
+from emoscope.vectors import build_layers
 
 
 @dataclass
@@ -53,21 +53,26 @@ def cross_validated_accuracy(
     topics: Sequence[str],
     n_emotions: int,
     basis: torch.Tensor,
-    recipe: Recipe,
+    story_variances: Sequence[float],
     n_folds: int = 5,
-) -> Accuracy:
-    """Leave-topics-out accuracy on training stories at one layer."""
-    correct1 = correct5 = total = 0.0
+) -> dict[float, Accuracy]:
+    """Leave-topics-out accuracy on training stories at one layer, for each story-variance level."""
+    correct = {v: [0.0, 0.0] for v in story_variances}
+    total = 0
     for held in topic_folds(topics, n_folds):
         fit = ~held
         if len(set(labels[fit].tolist())) < n_emotions or not held.any():
             continue
-        layer = build_layer(means[fit], labels[fit], n_emotions, basis, recipe)
-        acc = nearest_vector_accuracy(layer.vectors, layer.mean, means[held], labels[held])
-        correct1 += acc.top1 * acc.n
-        correct5 += acc.top5 * acc.n
-        total += acc.n
-    return Accuracy(correct1 / max(total, 1), correct5 / max(total, 1), int(total))
+        fitted = build_layers(means[fit], labels[fit], n_emotions, basis, story_variances)
+        for variance, layer in zip(story_variances, fitted, strict=True):
+            acc = nearest_vector_accuracy(layer.vectors, layer.mean, means[held], labels[held])
+            correct[variance][0] += acc.top1 * acc.n
+            correct[variance][1] += acc.top5 * acc.n
+        total += int(held.sum())
+    return {
+        v: Accuracy(c1 / max(total, 1), c5 / max(total, 1), total)
+        for v, (c1, c5) in correct.items()
+    }
 
 
 def choose(cv: dict[tuple[float, int], Accuracy]) -> tuple[float, int]:

@@ -19,13 +19,12 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from emoscope.batching import Batch, from_token_lists
+from emoscope.concepts import CORE_EMOTIONS
 from emoscope.corpus.quality import vader_compound
 from emoscope.generation import SamplingConfig
 from emoscope.hooks import add_to_residual
 from emoscope.steer import Steerer, Steering, span_rule, steering_vectors
 
-FEELING_EMOTIONS = ("happy", "sad", "afraid", "angry", "calm", "desperate", "loving", "guilty",
-                    "proud", "nervous", "surprised", "inspired")  # fmt: skip
 DOSE_EMOTIONS = ("happy", "sad", "calm", "angry")
 NEUTRAL_PROMPTS = (
     "Describe an ordinary Tuesday morning.",
@@ -90,7 +89,7 @@ def word_logprobs(
 def feeling_test(
     lm: Any,
     steerer: Steerer,
-    emotions: Sequence[str] = FEELING_EMOTIONS,
+    emotions: Sequence[str] = CORE_EMOTIONS,
     strength: float = 0.5,
     layers: Sequence[int] | None = None,
     subject: str = "he",
@@ -187,23 +186,27 @@ def dose_response(
         "emotions": {},
     }
     bar = tqdm(
-        total=len(emotions) * len(strengths),
+        total=1 + len(emotions) * sum(s != 0 for s in strengths),
         desc="dose-response",
         disable=not progress,
         leave=False,
     )
-    base_ppl = None
+
+    def run(steering: Steering | None) -> tuple[float, float, str]:
+        rows = steerer.generate_rows(batch, steering, sampling)
+        texts = [lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        bar.update()
+        return (
+            float(np.mean([vader_compound(t) for t in texts])),
+            _perplexity(lm, batch, rows),
+            texts[0],
+        )
+
+    baseline = run(None)  # unsteered: shared by every emotion's strength 0 and the guard
+    base_ppl = baseline[1]
     for emotion in emotions:
-        vader, ppl, samples = [], [], []
-        for s in strengths:
-            steering = Steering({emotion: s}, layers) if s != 0 else None
-            texts, rows = _generate_rows(lm, steerer, batch, steering, sampling)
-            vader.append(float(np.mean([vader_compound(t) for t in texts])))
-            ppl.append(_perplexity(lm, batch, rows))
-            samples.append(texts[0])
-            bar.update()
-        if base_ppl is None:
-            base_ppl = ppl[strengths.index(0.0)] if 0.0 in strengths else min(ppl)
+        results = [run(Steering({emotion: s}, layers)) if s != 0 else baseline for s in strengths]
+        vader, ppl, samples = (list(column) for column in zip(*results, strict=True))
         coherent = [i for i, p in enumerate(ppl) if p < 2 * base_ppl]
         rho_all = spearmanr(strengths, vader)[0]
         rho_ok = (
@@ -223,22 +226,6 @@ def dose_response(
     bar.close()
     out["baseline_perplexity"] = base_ppl
     return out
-
-
-def _generate_rows(
-    lm: Any, steerer: Steerer, batch: Batch, steering: Steering | None, sampling: SamplingConfig
-) -> tuple[list[str], list[list[int]]]:
-    from emoscope.generation import collect, decode_steps, eos_ids
-
-    eos = eos_ids(lm.model, lm.tokenizer)
-    pad = lm.tokenizer.pad_token_id or 0
-    if steering is None:
-        rows = collect(decode_steps(lm.model, batch, sampling, eos, pad), batch.size)
-    else:
-        with steerer.apply(steering, batch):
-            rows = collect(decode_steps(lm.model, batch, sampling, eos, pad), batch.size)
-    texts = [lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-    return texts, rows
 
 
 def validate_steering(

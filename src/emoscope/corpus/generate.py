@@ -27,7 +27,7 @@ from emoscope.concepts import EMOTIONS, find_forbidden, resolve_emotions
 from emoscope.corpus import quality
 from emoscope.corpus.records import append_jsonl, iter_complete_jsonl, load_topics, parse_dialogue
 from emoscope.errors import EmoscopeError
-from emoscope.generation import SamplingConfig, collect, decode_steps, eos_ids
+from emoscope.generation import SamplingConfig, decode_rows
 
 STORY_PROMPT = (
     "Write {n} different short stories based on this premise: {premise}.\n"
@@ -238,8 +238,6 @@ def generate_corpus(
         disable=not progress,
         dynamic_ncols=True,
     )
-    eos = eos_ids(lm.model, lm.tokenizer)
-    pad = lm.tokenizer.pad_token_id or 0
     for start in range(0, len(cells), plan.batch_size):
         group = cells[start : start + plan.batch_size]
         chats = [lm.chat([{"role": "user", "content": _prompt(c, plan)}]) for c in group]
@@ -247,7 +245,7 @@ def generate_corpus(
             lm.tokenizer, [c.text for c in chats], lm.device, chats[0].add_special_tokens
         )
         sampling = SamplingConfig(plan.max_new_tokens, plan.temperature, 0.95, plan.seed + start)
-        rows = collect(decode_steps(lm.model, batch, sampling, eos, pad), batch.size)
+        rows = decode_rows(lm, batch, sampling)
         entries = []
         for cell, ids in zip(group, rows):
             raw = lm.tokenizer.decode(ids, skip_special_tokens=True)

@@ -10,7 +10,6 @@ from typing import Any
 from emoscope.errors import EmoscopeError
 
 ROWS: list[tuple[str, Any]] = [
-    ("model", lambda r: r["model"]["model"]),
     (
         "family, layers, hidden",
         lambda r: f"{r['model']['family']}, {r['model']['n_layers']}, {r['model']['hidden_size']}",
@@ -73,6 +72,6 @@ def compare(runs: Sequence[Path]) -> str:
         reports.append(json.loads(path.read_text()))
     head = "| measure | " + " | ".join(r["model"]["model"] for r in reports) + " |"
     lines = [head, "|" + " --- |" * (len(reports) + 1)]
-    for label, get in ROWS[1:]:
+    for label, get in ROWS:
         lines.append(f"| {label} | " + " | ".join(str(get(r)) for r in reports) + " |")
     return "\n".join(lines) + "\n"
