@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +72,27 @@ def averaging_weights(
     return weights, short
 
 
-def _masked_mean_transform(
-    weights_ref: dict[str, torch.Tensor],
-) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    def transform(_layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        h = hidden.float()  # accumulate in float32 whatever the model's dtype
-        w = weights_ref["w"].to(h.device, torch.float32)
-        total = (h * w.unsqueeze(-1)).sum(dim=1)
-        return total / w.sum(dim=1, keepdim=True).clamp(min=1)
+def masked_mean(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[batch, hidden]`` weighted mean over positions, in float32 whatever the model's dtype."""
+    w = weights.to(hidden.device, torch.float32).unsqueeze(-1)
+    return (hidden.float() * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
 
-    return transform
+
+def _pending_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    add_special_tokens: bool,
+    done: torch.Tensor,
+    max_batch: int,
+    max_batch_tokens: int,
+) -> list[list[int]]:
+    """Length-sorted batches of the texts not yet ``done`` (a resumed run skips the rest)."""
+    encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    return [
+        todo
+        for b in length_sorted_batches([len(ids) for ids in encoded], max_batch, max_batch_tokens)
+        if (todo := [i for i in b if not done[i]])
+    ]
 
 
 def _special_prefix_count(tokenizer: Any, add_special_tokens: bool) -> int:
@@ -120,10 +131,6 @@ def text_means(
     """
     layers = list(range(lm.n_layers)) if layers is None else lm.check_layers(layers)
     tokenizer = lm.tokenizer
-    lengths = [
-        len(ids)
-        for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-    ]
     prefix = _special_prefix_count(tokenizer, add_special_tokens)
     n = len(texts)
     means = torch.zeros(n, len(layers), lm.hidden_size)
@@ -141,11 +148,9 @@ def text_means(
                 data["short"].bool(),
             )
             done[index] = True
-    batches = [
-        todo
-        for b in length_sorted_batches(lengths, max_batch, max_batch_tokens)
-        if (todo := [i for i in b if not done[i]])
-    ]
+    batches = _pending_batches(
+        tokenizer, texts, add_special_tokens, done, max_batch, max_batch_tokens
+    )
     weights_ref: dict[str, torch.Tensor] = {}
     bar = _progress(n, desc, progress)
     bar.update(int(done.sum()))
@@ -153,7 +158,7 @@ def text_means(
         lm.model,
         lm.adapter,
         layers,
-        transform=_masked_mean_transform(weights_ref),
+        transform=lambda _layer, h: masked_mean(h, weights_ref["w"]),
         stop_after_last=True,
     ) as reader:
         for number, items in enumerate(batches):
@@ -264,9 +269,7 @@ def neutral_moments(
         sums[i] += shifted.sum(dim=0).double()
         outer[i] += (shifted.T @ shifted).double()
         norm_sums[i] += rows.norm(dim=1).double().sum()
-        hf = h.float()
-        w = keep.to(torch.float32).unsqueeze(-1)
-        per_text[state["items"], i] = ((hf * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)).cpu()
+        per_text[state["items"], i] = masked_mean(h, keep).cpu()
         return torch.empty(0)
 
     done = torch.zeros(len(texts), dtype=torch.bool)
@@ -286,15 +289,9 @@ def neutral_moments(
                 checkpoint,
             )  # fmt: skip
 
-    lengths = [
-        len(ids)
-        for ids in lm.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-    ]
-    batches = [
-        todo
-        for b in length_sorted_batches(lengths, max_batch, max_batch_tokens)
-        if (todo := [i for i in b if not done[i]])
-    ]
+    batches = _pending_batches(
+        lm.tokenizer, texts, add_special_tokens, done, max_batch, max_batch_tokens
+    )
     bar = _progress(len(texts), "neutral activations", progress)
     bar.update(int(done.sum()))
     with ResidualReader(
