@@ -157,3 +157,22 @@ def test_rules_on_unmonitored_emotions_are_refused(tiny_lm):
             monitor.generate(
                 PROMPTS[:1], SamplingConfig(max_new_tokens=2), alerts=[rule], chat=False
             )
+
+
+def test_allow_other_model_waives_the_name_but_not_the_shape(tiny_lm):
+    import dataclasses
+
+    from emoscope.errors import BankMismatchError
+    from emoscope.steer import Steerer
+
+    llama_bank = synthetic_bank(tiny_lm("llama"))
+    qwen = tiny_lm("qwen2")
+    monitor = Monitor(qwen, llama_bank, allow_other_model=True)
+    assert monitor.score("hello there").scores.shape[1] == len(llama_bank.emotions)
+    Steerer(qwen, llama_bank, allow_other_model=True)
+    narrow = dataclasses.replace(
+        llama_bank, vectors={layer: v[:, :16] for layer, v in llama_bank.vectors.items()}
+    )
+    for build in (Monitor, Steerer):
+        with pytest.raises(BankMismatchError, match="hidden size 16"):
+            build(qwen, narrow, allow_other_model=True)

@@ -173,8 +173,7 @@ def _model_for(args: argparse.Namespace, bank: Any) -> Any:
     from emoscope.models import load_model
 
     lm = load_model(args.model or bank.model_name, dtype=args.dtype, device=args.device)
-    if not args.allow_other_model:
-        bank.check_model(lm)
+    bank.check_model(lm, args.allow_other_model)
     return lm
 
 

@@ -267,8 +267,7 @@ class Monitor:
         mode: str = "centred",
         allow_other_model: bool = False,
     ) -> None:
-        if not allow_other_model:
-            bank.check_model(lm)
+        bank.check_model(lm, allow_other_model)
         if mode not in READOUT_MODES:
             raise EmoscopeError(f"Unknown readout mode '{mode}' (use {', '.join(READOUT_MODES)}).")
         self.lm, self.mode = lm, mode

@@ -121,8 +121,7 @@ class Steerer:
     """
 
     def __init__(self, lm: Any, bank: EmotionVectors, allow_other_model: bool = False) -> None:
-        if not allow_other_model:
-            bank.check_model(lm)
+        bank.check_model(lm, allow_other_model)
         self.lm, self.bank = lm, bank
 
     @contextmanager

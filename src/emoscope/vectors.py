@@ -317,8 +317,12 @@ class EmotionVectors:
             manifest["default_layer"] = two_thirds_layer(keep, self._depth)
         return EmotionVectors(names, keep, vectors, stats, manifest)
 
-    def check_model(self, model: Any) -> None:
-        """Refuse to be used with a model other than the one the bank was built from."""
+    def check_model(self, model: Any, allow_other_model: bool = False) -> None:
+        """Refuse to be used with a model other than the one the bank was built from.
+
+        ``allow_other_model`` accepts a different name (the same weights saved elsewhere); the
+        hidden size and layer count must still fit.
+        """
         hidden = getattr(model, "hidden_size", None)
         name = getattr(model, "name", None)
         if hidden is not None and hidden != self.hidden_size:
@@ -326,7 +330,7 @@ class EmotionVectors:
                 f"This bank was built for '{self.model_name}' (hidden size {self.hidden_size}); "
                 f"the model in use, '{name}', has hidden size {hidden}."
             )
-        if name is not None and name != self.model_name:
+        if name is not None and name != self.model_name and not allow_other_model:
             raise BankMismatchError(
                 f"This bank was built for model '{self.model_name}', not '{name}'. Extract a bank "
                 "for this model with `emoscope extract`, or pass allow_other_model=True if the two "
@@ -418,13 +422,7 @@ class EmotionVectors:
                     f"layer.{layer} has shape {tuple(v.shape)}; the manifest says otherwise."
                 )
         if model is not None:
-            if allow_other_model:
-                if getattr(model, "hidden_size", bank.hidden_size) != bank.hidden_size:
-                    raise BankMismatchError(
-                        "Hidden sizes differ; this bank cannot be used with this model."
-                    )
-            else:
-                bank.check_model(model)
+            bank.check_model(model, allow_other_model)
         return bank
 
 

@@ -47,14 +47,7 @@ def summary_rows(summary: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for label, key, target, fmt in TARGETS:
         value = summary[key]
-        rows.append(
-            [
-                label,
-                fmt(value),
-                fmt(target) if key != "pc1_valence_r" else f"{target:.2f}",
-                _mark(abs(value) >= target),
-            ]
-        )
+        rows.append([label, fmt(value), fmt(target), _mark(abs(value) >= target)])
     held, total = summary["intensity_directions_held"], summary["intensity_directions_total"]
     rows.append(
         [
