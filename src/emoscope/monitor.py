@@ -283,14 +283,15 @@ class Monitor:
         self.full_bank = bank
         self.bank = bank.subset(names, self.layers)
         self.emotions = self.bank.emotions
-        device = lm.device
+        self._device = device = lm.device
         self._v = {
             layer: self.bank.vectors[layer].to(device, torch.float32) for layer in self.layers
         }
-        self._centre = {
-            layer: self.bank.stat("mean", layer).to(device)
+        # (h - centre) @ v.T == h @ v.T - centre @ v.T: the offset is computed once, not per token.
+        self._offset = {
+            layer: (self.bank.stat("mean", layer).to(device, torch.float32) @ self._v[layer].T)
             if mode == "centred"
-            else torch.zeros(self.bank.hidden_size, device=device)
+            else torch.zeros(len(self.emotions), device=device)
             for layer in self.layers
         }
         self._z = self._z_stats() if mode != "cosine" else None
@@ -310,11 +311,11 @@ class Monitor:
 
     def _transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         h = hidden.float()
-        v, centre = self._v[layer], self._centre[layer]
+        v, offset = self._v[layer], self._offset[layer]
         if v.device != h.device:  # a model spread over several devices
-            v, centre = v.to(h.device), centre.to(h.device)
-            self._v[layer], self._centre[layer] = v, centre
-        scores = (h - centre) @ v.T
+            v, offset = v.to(h.device), offset.to(h.device)
+            self._v[layer], self._offset[layer] = v, offset
+        scores = h @ v.T - offset
         if self.mode == "cosine":
             scores = scores / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         return scores
@@ -323,7 +324,7 @@ class Monitor:
         self, reader: ResidualReader, select: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Average the band's per-layer readouts (and z-scores) on the input device."""
-        per_layer = {layer: select(reader.last(layer)).to(self.lm.device) for layer in self.layers}
+        per_layer = {layer: select(reader.last(layer)).to(self._device) for layer in self.layers}
         scores = torch.stack(list(per_layer.values())).mean(dim=0)
         if self._z is None:
             return scores, None
