@@ -22,7 +22,7 @@ from emoscope.generation import SamplingConfig, collect, decode_steps, eos_ids
 from emoscope.models import load_model
 from emoscope.monitor import Monitor
 from emoscope.steer import Steerer, Steering
-from emoscope.vectors import EmotionVectors, two_thirds_layer, unit_rows
+from emoscope.vectors import EmotionBank, two_thirds_layer, unit_rows
 
 PROMPTS = [
     "Describe an ordinary Tuesday morning.", "Explain how a bicycle gear works.", "List five uses of a paperclip.",
@@ -31,7 +31,7 @@ PROMPTS = [
 ]  # fmt: skip
 
 
-def synthetic_bank(lm, layer: int) -> EmotionVectors:
+def synthetic_bank(lm, layer: int) -> EmotionBank:
     """171 random unit vectors with the model's shape: overhead does not depend on their values."""
     g = torch.Generator().manual_seed(0)
     v = unit_rows(torch.randn(len(EMOTIONS), lm.hidden_size, generator=g))
@@ -43,7 +43,7 @@ def synthetic_bank(lm, layer: int) -> EmotionVectors:
         f"neutral_score_std.{layer}": torch.ones(len(EMOTIONS)),
     }
     manifest = {"model": lm.name, "default_layer": layer, "steer_layer": layer}
-    return EmotionVectors(list(EMOTIONS), [layer], {layer: v}, stats, manifest)
+    return EmotionBank(list(EMOTIONS), [layer], {layer: v}, stats, manifest)
 
 
 def main() -> None:
@@ -60,13 +60,13 @@ def main() -> None:
 
     lm = load_model(args.model, dtype=args.dtype)
     bank = (
-        EmotionVectors.load(args.bank, model=lm)
+        EmotionBank.load(args.bank, model=lm)
         if args.bank
         else synthetic_bank(lm, two_thirds_layer(range(lm.n_layers), lm.n_layers))
     )
     monitor = Monitor(lm, bank)  # all emotions in the bank, at its default layer
     steerer = Steerer(lm, bank)
-    steering = Steering({"happy": 0.1}, [bank.steer_layer])
+    steering = Steering({"happy": 0.1})  # at the bank's steering layer
     sampling = SamplingConfig(max_new_tokens=args.tokens, stop_at_eos=False)
     eos, pad = eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id or 0
     print(
@@ -78,7 +78,7 @@ def main() -> None:
         collect(decode_steps(lm.model, batch, sampling, eos, pad), batch.size)
 
     def monitored(batch):
-        for _ in monitor.stream(batch, sampling):
+        for _ in monitor.stream(batch, sampling=sampling):
             pass
 
     def steered(batch):

@@ -123,8 +123,11 @@ def synthetic_bank(
     lm: LoadedModel, emotions=("happy", "sad", "calm", "afraid"), layers=(1, 2), seed: int = 0
 ):
     """A bank of random unit vectors with simple statistics, for fast exact tests on tiny models."""
-    from emoscope.vectors import EmotionVectors, unit_rows
+    from emoscope.vectors import EmotionBank, unit_rows
 
+    # A typical residual norm: about 0.1-5 in the tiny models, about 10 in Gemma's, which scale
+    # their embeddings by sqrt(hidden). Readouts treat tokens far above it as attention sinks.
+    norm = 20.0 if lm.adapter.family.startswith("gemma") else 2.0
     g = torch.Generator().manual_seed(seed)
     vectors = {
         layer: unit_rows(torch.randn(len(emotions), lm.hidden_size, generator=g))
@@ -134,7 +137,7 @@ def synthetic_bank(
     for layer in layers:
         stats[f"mean.{layer}"] = torch.randn(lm.hidden_size, generator=g) * 0.1
         stats[f"neutral_mean.{layer}"] = torch.zeros(lm.hidden_size)
-        stats[f"residual_norm.{layer}"] = torch.tensor([2.0])
+        stats[f"residual_norm.{layer}"] = torch.tensor([norm])
         stats[f"neutral_score_mean.{layer}"] = torch.zeros(len(emotions))
         stats[f"neutral_score_std.{layer}"] = torch.ones(len(emotions))
         stats[f"raw.{layer}"] = vectors[layer].clone()
@@ -144,7 +147,7 @@ def synthetic_bank(
         "default_layer": layers[-1],
         "family": lm.adapter.family,
     }
-    return EmotionVectors(list(emotions), list(layers), vectors, stats, manifest)
+    return EmotionBank(list(emotions), list(layers), vectors, stats, manifest)
 
 
 # ----- a small real bank: the default model on a 16-emotion slice of the corpus (about 40 s) -----
@@ -152,7 +155,7 @@ import json  # noqa: E402
 
 from emoscope.concepts import CORE_EMOTIONS  # noqa: E402
 from emoscope.corpus.records import load_neutral, load_stories, record  # noqa: E402
-from emoscope.extract import ExtractConfig, extract  # noqa: E402
+from emoscope.pipeline import ExtractConfig, extract  # noqa: E402
 
 SLICE_EMOTIONS = [*CORE_EMOTIONS, "bored", "serene", "furious", "hopeful"]
 LAYERS = [6, 12, 18, 19, 24]

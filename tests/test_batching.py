@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FAMILIES
+from conftest import FAMILIES, char_tokenizer
 from emoscope.batching import encode, from_token_lists, length_sorted_batches
 from emoscope.generation import SamplingConfig, generate
 from emoscope.hooks import ResidualReader
@@ -82,3 +82,17 @@ def test_real_model_batched_equals_unbatched(smollm):
             generate(smollm, [text], config, add_special_tokens=False).tokens[0] == gen.tokens[row]
         )
     assert "4" in gen.texts[2]
+
+
+def test_encode_left_pads_without_touching_the_tokenizer():
+    reference = char_tokenizer()  # pad token and left padding, as the batch must come out
+    expected = reference(TEXTS, padding=True, return_tensors="pt")
+    tokenizer = char_tokenizer()
+    tokenizer.padding_side = "right"
+    tokenizer.pad_token = None  # padding falls back to EOS, which the mask hides
+    batch = encode(tokenizer, TEXTS)
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token is None
+    assert batch.attention_mask.tolist() == expected["attention_mask"].tolist()
+    real = batch.attention_mask.bool()
+    assert batch.input_ids[real].tolist() == expected["input_ids"][real].tolist()
+    assert (batch.input_ids[~real] == tokenizer.eos_token_id).all()

@@ -44,7 +44,7 @@ def test_bad_turns_are_rejected(tiny_lm):
     lm = tiny_lm("llama")
     with pytest.raises(EmoscopeError, match="role"):
         format_chat(lm.tokenizer, [{"role": "robot", "content": "x"}])
-    with pytest.raises(EmoscopeError, match="at least one"):
+    with pytest.raises(EmoscopeError, match="non-empty"):
         format_chat(lm.tokenizer, [])
     with pytest.raises(EmoscopeError, match="no chat template"):
         format_chat(lm.tokenizer, TURNS, style="template")

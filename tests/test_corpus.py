@@ -18,14 +18,13 @@ from emoscope.concepts import (
 from emoscope.corpus import quality
 from emoscope.corpus.card import build_card
 from emoscope.corpus.records import (
-    append_jsonl,
-    iter_complete_jsonl,
     load_eval_prompts,
     load_neutral,
     load_stories,
     load_topics,
 )
 from emoscope.errors import CorpusFormatError, UnknownEmotionError
+from emoscope.files import append_jsonl, iter_complete_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,4 +163,6 @@ def test_append_log_survives_a_torn_last_line(tmp_path):
 
 def test_corpus_card_is_current():
     card = (ROOT / "docs" / "corpus.md").read_text()
-    assert card == build_card(), "docs/corpus.md is stale: run `emoscope corpus card`"
+    assert card == build_card(), (
+        "docs/corpus.md is stale: run `emoscope corpus card --out docs/corpus.md`"
+    )

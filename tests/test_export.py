@@ -14,7 +14,7 @@ def test_export_round_trip_matches_steering_vectors(tiny_lm, tmp_path):
     bank = synthetic_bank(lm)
     path = export_emotions(bank, tmp_path / "happy.gguf", {"happy": 0.3, "calm": -0.1}, [1, 2])
     loaded = read_control_vector(path, lm.hidden_size)
-    expected = steering_vectors(bank, Steering({"happy": 0.3, "calm": -0.1}, [1, 2]))
+    expected = steering_vectors(bank, Steering({"happy": 0.3, "calm": -0.1}, layers=[1, 2]))
     assert set(loaded) == {1, 2}
     for layer in (1, 2):
         torch.testing.assert_close(loaded[layer], expected[layer])
@@ -48,8 +48,13 @@ def test_imported_control_vector_steers_like_the_bank(tiny_lm, tmp_path):
     path = export_emotions(bank, tmp_path / "c.gguf", {"afraid": 1.2}, [1])
     steerer = Steerer(lm, bank)
     sampling = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
-    direct = steerer.generate(["the sea"], Steering({"afraid": 1.2}, [1]), sampling, chat=False)
+    direct = steerer.generate(
+        ["the sea"], steering=Steering({"afraid": 1.2}, layers=1), sampling=sampling, chat=False
+    )
     imported = steerer.generate(
-        ["the sea"], Steering({}, [1], extra=read_control_vector(path)), sampling, chat=False
+        ["the sea"],
+        steering=Steering({}, layers=1, extra=read_control_vector(path)),
+        sampling=sampling,
+        chat=False,
     )
     assert direct == imported

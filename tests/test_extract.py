@@ -11,9 +11,10 @@ import torch
 from conftest import LAYERS
 from conftest import SLICE_EMOTIONS as EMOTIONS
 from emoscope.activations import text_means
+from emoscope.concepts import EMOTIONS as CATALOGUE
 from emoscope.errors import BankMismatchError, EmoscopeError, RunDirectoryError
-from emoscope.extract import ExtractConfig, extract
-from emoscope.vectors import EmotionVectors, Recipe
+from emoscope.pipeline import ExtractConfig, extract
+from emoscope.vectors import EmotionBank, Recipe
 
 
 def interrupt_encode_on_call(monkeypatch, n: int) -> Callable[[], None]:
@@ -60,9 +61,7 @@ def test_bank_files_and_manifest(small_run):
         "recipe",
     ):
         assert key in manifest, key
-    assert manifest["emotions"] == [e for e in EMOTIONS if e in manifest["emotions"]] or sorted(
-        manifest["emotions"]
-    ) == sorted(EMOTIONS)
+    assert manifest["emotions"] == [e for e in CATALOGUE if e in EMOTIONS]  # catalogue order
     assert (
         manifest["layers"] == LAYERS
         and manifest["model"] == "smollm2-135m-instruct"
@@ -96,10 +95,17 @@ def test_vectors_identify_held_out_stories(small_run):
 
 def test_rerun_resumes_and_other_runs_are_refused(small_run, corpus_slice):
     result, config = small_run
-    stamp = (result.out / "activations" / "stories.safetensors").stat().st_mtime_ns
+    cached = ["stories.safetensors", "neutral.safetensors", "prompts.safetensors"]
+    stamps = {n: (result.out / "activations" / n).stat().st_mtime_ns for n in cached}
     again = extract(config, echo=lambda m: None)
-    assert (result.out / "activations" / "stories.safetensors").stat().st_mtime_ns == stamp
-    assert again.report["summary"]["test_top1"] == result.report["summary"]["test_top1"]
+    assert {n: (result.out / "activations" / n).stat().st_mtime_ns for n in cached} == stamps
+    assert sorted(p.name for p in (result.out / "activations").iterdir()) == sorted(cached)
+
+    def stable(report):  # all but what may differ between two runs of the same recipe
+        kept = {k: v for k, v in report.items() if k not in ("timings", "model")}
+        return json.dumps(kept, sort_keys=True, default=float)
+
+    assert stable(again.report) == stable(result.report)
     other = ExtractConfig(
         out=result.out,
         layers=LAYERS,
@@ -127,15 +133,15 @@ def test_rerun_resumes_and_other_runs_are_refused(small_run, corpus_slice):
 
 
 def test_bank_refuses_other_models(small_run, tiny_lm):
-    bank = EmotionVectors.load(small_run[0].out)
+    bank = EmotionBank.load(small_run[0].out)
     with pytest.raises(BankMismatchError, match="hidden size"):
-        EmotionVectors.load(small_run[0].out, model=tiny_lm("llama"))
+        EmotionBank.load(small_run[0].out, model=tiny_lm("llama"))
     with pytest.raises(EmoscopeError, match="not in this bank"):
         bank.check_layer(7)
     with pytest.raises(EmoscopeError, match="empty"):
         bank.subset([])
     with pytest.raises(EmoscopeError, match="not a vector bank"):
-        EmotionVectors.load(small_run[0].out / "activations")
+        EmotionBank.load(small_run[0].out / "activations")
 
 
 def test_interrupted_activation_run_resumes_to_the_same_result(tiny_lm, tmp_path, monkeypatch):
@@ -145,12 +151,12 @@ def test_interrupted_activation_run_resumes_to_the_same_result(tiny_lm, tmp_path
     restore = interrupt_encode_on_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         text_means(
-            lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False
+            lm, texts, token_offset=3, max_batch=8, checkpoint=tmp_path / "ckpt", progress=False
         )
     assert len(list((tmp_path / "ckpt").glob("chunk-*"))) == 2
     restore()
     resumed = text_means(
-        lm, texts, token_offset=3, max_batch=8, checkpoint_dir=tmp_path / "ckpt", progress=False
+        lm, texts, token_offset=3, max_batch=8, checkpoint=tmp_path / "ckpt", progress=False
     )
     torch.testing.assert_close(resumed.means, full.means)
 

@@ -86,9 +86,9 @@ def test_exported_vector_steers_llama_cpp_like_emoscope(small_run, smollm, tmp_p
     from emoscope.export import export_emotions
     from emoscope.models import EMBEDDED, _embedded_gguf
     from emoscope.steer import Steering, steering_vectors
-    from emoscope.vectors import EmotionVectors
+    from emoscope.vectors import EmotionBank
 
-    bank = EmotionVectors.load(small_run[0].out, model=smollm)
+    bank = EmotionBank.load(small_run[0].out, model=smollm)
     from emoscope.concepts import CORE_EMOTIONS
 
     words = list(CORE_EMOTIONS)
@@ -105,7 +105,7 @@ def test_exported_vector_steers_llama_cpp_like_emoscope(small_run, smollm, tmp_p
         change_cpp = (
             _next_token_logprobs(llama_cpp, gguf_model, prompt, words, cvec, top) - base_cpp
         )
-        vectors = steering_vectors(bank, Steering(strength, [bank.steer_layer]))
+        vectors = steering_vectors(bank, Steering(strength))
         change_hf = _hf_logprobs(smollm, prompt_ids, words, vectors) - base_hf
         own = words.index(emotion)
         others = np.delete(change_cpp, own)

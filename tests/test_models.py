@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch
 from conftest import char_tokenizer, tiny_config
 from emoscope.batching import encode
 from emoscope.errors import MissingPackageError, UnknownModelError
+from emoscope.files import default_mode
 from emoscope.hooks import ResidualReader
 from emoscope.models import EMBEDDED, MARKER, cache_root, load_model
 
@@ -67,6 +67,7 @@ def test_truncated_cache_is_rebuilt(smollm, tmp_path, monkeypatch):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
     lm = load_model("smollm2-135m-instruct")
     assert not lm.from_cache
+    assert target.stat().st_mode & 0o777 == default_mode(directory=True)  # not mkdtemp's 0700
     reference = smollm.model.lm_head.weight
     torch.testing.assert_close(lm.model.lm_head.weight, reference)
     again = load_model("smollm2-135m-instruct")
@@ -83,14 +84,35 @@ def test_half_written_cache_entry_is_not_used(smollm, tmp_path, monkeypatch):
     assert (target / MARKER).exists()
 
 
-def test_smollm_loads_from_cache_quickly(smollm):
+def test_second_load_comes_from_the_cache_without_dequantising(smollm, monkeypatch):
+    """How much faster that is: bench/model_load.py (a timing has no place in a unit test)."""
     assert smollm.describe()["family"] == "llama"
     assert (smollm.n_layers, smollm.hidden_size) == (30, 576)
-    start = time.perf_counter()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached model was dequantised again")
+
+    monkeypatch.setattr("emoscope.models._dequantise_to_cache", refuse)
     again = load_model("smollm2-135m-instruct")
-    elapsed = time.perf_counter() - start
     assert again.from_cache
-    print(f"smollm2 cached load: {elapsed:.2f}s")
+    torch.testing.assert_close(again.model.lm_head.weight, smollm.model.lm_head.weight)
+
+
+def test_wrap_model_leaves_the_callers_tokenizer_alone():
+    import transformers as tf
+
+    from emoscope.models import wrap_model
+
+    tokenizer = char_tokenizer()
+    tokenizer.padding_side = "right"
+    tokenizer.pad_token = None
+    model = tf.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    lm = wrap_model(model, tokenizer, "tiny")
+    batch = lm.encode_prompts(["ab", "abcd"], chat=False)
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token is None
+    assert batch.padding.tolist() == [2, 0]  # left-padded all the same
+    assert batch.attention_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert batch.input_ids[0, 2:].tolist() == tokenizer("ab")["input_ids"]
 
 
 def test_gemma_loads_and_reads(gemma):

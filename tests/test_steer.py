@@ -16,7 +16,7 @@ PROMPTS = ["the cat sat.", "a long walk by the sea at dawn.", "hi"]
 def test_vector_is_strength_times_norm_times_unit(tiny_lm):
     lm = tiny_lm("llama")
     bank = synthetic_bank(lm)
-    vectors = steering_vectors(bank, Steering({"happy": 0.3, "sad": -0.1}, [1, 2]))
+    vectors = steering_vectors(bank, Steering({"happy": 0.3, "sad": -0.1}, layers=[1, 2]))
     expected = 0.3 * 2.0 * bank.vector("happy", 1) - 0.1 * 2.0 * bank.vector("sad", 1)
     torch.testing.assert_close(vectors[1], expected)
     assert set(vectors) == {1, 2}
@@ -30,7 +30,7 @@ def test_steering_adds_exactly_at_chosen_layer(tiny_lm):
     with ResidualReader(lm.model, lm.adapter, [1]) as base:
         base.run(**batch.inputs())
     with (
-        steerer.apply(Steering({"calm": 0.5}, [1]), batch),
+        steerer.apply(Steering({"calm": 0.5}, layers=1), batch),
         ResidualReader(lm.model, lm.adapter, [1]) as steered,
     ):
         steered.run(**batch.inputs())
@@ -45,12 +45,14 @@ def test_steering_adds_exactly_at_chosen_layer(tiny_lm):
 def test_batched_steered_generation_equals_unbatched(tiny_lm, family, positions):
     lm = tiny_lm(family)
     steerer = Steerer(lm, synthetic_bank(lm))
-    steering = Steering({"happy": 1.5, "afraid": -0.7}, [1, 2], positions)
+    steering = Steering({"happy": 1.5, "afraid": -0.7}, layers=[1, 2], positions=positions)
     sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
-    together = steerer.generate(PROMPTS, steering, sampling, chat=False)
-    alone = [steerer.generate([p], steering, sampling, chat=False)[0] for p in PROMPTS]
+    together = steerer.generate(PROMPTS, steering=steering, sampling=sampling, chat=False)
+    alone = [
+        steerer.generate([p], steering=steering, sampling=sampling, chat=False)[0] for p in PROMPTS
+    ]
     assert together == alone
-    plain = steerer.generate(PROMPTS, None, sampling, chat=False)
+    plain = steerer.generate(PROMPTS, sampling=sampling, chat=False)
     assert plain != together  # the steering really acted
 
 
@@ -61,7 +63,7 @@ def test_response_steering_leaves_the_prompt_alone(tiny_lm):
     with ResidualReader(lm.model, lm.adapter, [2]) as base:
         base.run(**batch.inputs())
     with (
-        steerer.apply(Steering({"happy": 1.0}, [1], "response"), batch),
+        steerer.apply(Steering({"happy": 1.0}, layers=1, positions="response"), batch),
         ResidualReader(lm.model, lm.adapter, [2]) as steered,
     ):
         steered.run(**batch.inputs())
@@ -77,6 +79,6 @@ def test_bad_steering_requests_are_refused(tiny_lm):
     with pytest.raises(UnknownEmotionError, match="Did you mean: happy"):
         steering_vectors(bank, Steering({"hapy": 0.1}))
     with pytest.raises(EmoscopeError, match="not in this bank"):
-        steering_vectors(bank, Steering({"happy": 0.1}, [3]))
+        steering_vectors(bank, Steering({"happy": 0.1}, layers=[3]))
     with pytest.raises(EmoscopeError, match="span"):
         Steering({"happy": 0.1}, positions=(5, 2))

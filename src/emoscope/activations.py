@@ -8,7 +8,6 @@ where it stopped.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,24 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from emoscope.batching import Batch, encode, length_sorted_batches
+from emoscope.files import atomic_save_tensors
 from emoscope.hooks import ResidualReader
 
 DEFAULT_TOKEN_OFFSET = 50
 DEFAULT_BATCH_TOKENS = 4096
-
-
-def atomic_save(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    """Write a safetensors file so that readers only ever see a complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".partial-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
-    os.replace(partial, path)
 
 
 @dataclass
@@ -120,14 +110,14 @@ def text_means(
     add_special_tokens: bool = True,
     max_batch: int = 32,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
-    checkpoint_dir: Path | None = None,
+    checkpoint: Path | None = None,
     progress: bool = True,
     desc: str = "activations",
 ) -> TextMeans:
     """Mean residual activation of every text at every requested layer, from ``token_offset`` on.
 
     One forward pass per batch reads all layers at once; the LM head never runs. With
-    ``checkpoint_dir`` each finished batch is written there and a re-run skips it.
+    ``checkpoint`` (a folder) each finished batch is written there and a re-run skips it.
     """
     layers = list(range(lm.n_layers)) if layers is None else lm.check_layers(layers)
     tokenizer = lm.tokenizer
@@ -137,9 +127,9 @@ def text_means(
     n_tokens = torch.zeros(n, dtype=torch.long)
     short = torch.zeros(n, dtype=torch.bool)
     done = torch.zeros(n, dtype=torch.bool)
-    if checkpoint_dir is not None:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        for chunk in sorted(checkpoint_dir.glob("chunk-*.safetensors")):
+    if checkpoint is not None:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        for chunk in sorted(checkpoint.glob("chunk-*.safetensors")):
             data = load_file(str(chunk))
             index = data["index"]
             means[index], n_tokens[index], short[index] = (
@@ -173,15 +163,15 @@ def text_means(
             means[index] = batch_means
             n_tokens[index] = weights.sum(dim=1).long().cpu()
             short[index] = row_short.cpu()
-            if checkpoint_dir is not None:
-                atomic_save(
+            if checkpoint is not None:
+                atomic_save_tensors(
                     {
                         "index": index,
                         "means": batch_means,
                         "n_tokens": n_tokens[index],
                         "short": short[index].to(torch.uint8),
                     },
-                    checkpoint_dir / f"chunk-{min(items):06d}-{number:05d}.safetensors",
+                    checkpoint / f"chunk-{min(items):06d}-{number:05d}.safetensors",
                 )
             bar.update(len(items))
     bar.close()
@@ -189,7 +179,7 @@ def text_means(
 
 
 def save_text_means(result: TextMeans, path: Path, metadata: dict[str, str] | None = None) -> None:
-    atomic_save(
+    atomic_save_tensors(
         {
             "means": result.means,
             "layers": torch.tensor(result.layers),
@@ -243,8 +233,8 @@ def neutral_moments(
 
     The first ``skip_first`` positions of each text are left out: in many models the first token
     carries an outsized "attention sink" activation (in SmolLM2 about 150x the typical norm)
-    that would dominate every statistic. With ``checkpoint``, the running sums are saved every
-    ``checkpoint_every`` batches and a re-run continues from them.
+    that would dominate every statistic. With ``checkpoint`` (a file), the running sums are saved
+    every ``checkpoint_every`` batches and a re-run continues from them.
 
     Memory: ``layers x hidden x hidden`` float64 for the covariance; for very wide models
     extract a subset of layers.
@@ -282,7 +272,7 @@ def neutral_moments(
 
     def save_state() -> None:
         if checkpoint is not None and reference:
-            atomic_save(
+            atomic_save_tensors(
                 {"sums": sums, "outer": outer, "norm_sums": norm_sums, "per_text": per_text,
                  "done": done.to(torch.uint8), "count": torch.tensor([state["count"]]),
                  "reference": torch.stack([reference[i] for i in range(len(layers))])},
@@ -318,7 +308,7 @@ def neutral_moments(
 
 
 def save_neutral_moments(m: NeutralMoments, path: Path) -> None:
-    atomic_save(
+    atomic_save_tensors(
         {
             "layers": torch.tensor(m.layers),
             "count": torch.tensor([m.count]),
@@ -379,5 +369,9 @@ def positions_readout(
     return out
 
 
-def clear_checkpoints(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+def clear_checkpoint(checkpoint: Path) -> None:
+    """Remove a finished job's checkpoint, whether a folder of chunks or a single file."""
+    if checkpoint.is_dir():
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    else:
+        checkpoint.unlink(missing_ok=True)

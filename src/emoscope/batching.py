@@ -48,6 +48,15 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def padding_id(tokenizer: Any) -> int:
+    """The id that fills padding: the pad token, else EOS, else UNK, else 0 (it is masked out)."""
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
 def encode(
     tokenizer: Any,
     texts: Sequence[str],
@@ -55,18 +64,19 @@ def encode(
     add_special_tokens: bool = True,
     max_length: int | None = None,
 ) -> Batch:
-    """Tokenise ``texts`` into one left-padded batch."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(
+    """Tokenise ``texts`` into one left-padded batch.
+
+    The padding is done here rather than by the tokenizer, so the caller's tokenizer is used as
+    it is (its ``padding_side`` and pad token are never changed) and one without a pad token
+    works too.
+    """
+    ids = tokenizer(
         list(texts),
-        return_tensors="pt",
-        padding=True,
         add_special_tokens=add_special_tokens,
         truncation=max_length is not None,
         max_length=max_length,
-    )
-    mask = enc["attention_mask"].to(device)
-    return Batch(enc["input_ids"].to(device), mask, position_ids(mask))
+    )["input_ids"]
+    return from_token_lists(ids, padding_id(tokenizer), device)
 
 
 def from_token_lists(

@@ -67,9 +67,13 @@ def _token_ending_before(offsets: Sequence[tuple[int, int]], char: int) -> int:
     return best
 
 
-def _check(turns: Sequence[dict[str, str]]) -> None:
-    if not turns:
-        raise EmoscopeError("A conversation needs at least one turn.")
+def validate_turns(turns: Any, source: str = "conversation") -> list[dict[str, str]]:
+    """The one check of a conversation: a non-empty list of ``{role, content}`` turns.
+
+    ``source`` names where the turns came from (a file path, say) in the error message.
+    """
+    if not isinstance(turns, list | tuple) or not turns:
+        raise EmoscopeError(f"{source}: a conversation needs a non-empty list of turns.")
     for n, turn in enumerate(turns):
         if (
             not isinstance(turn, dict)
@@ -77,8 +81,10 @@ def _check(turns: Sequence[dict[str, str]]) -> None:
             or not isinstance(turn.get("content"), str)
         ):
             raise EmoscopeError(
-                f"Turn {n} must be an object with 'role' ({', '.join(ROLES)}) and string 'content'; got {turn!r}."
+                f"{source}: turn {n} must be an object with 'role' ({', '.join(ROLES)}) and "
+                f"string 'content'; got {turn!r}."
             )
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def format_plain(
@@ -115,7 +121,7 @@ def format_chat(
         style: ``auto`` (the chat template when the tokenizer has one, else plain),
             ``template`` or ``plain``.
     """
-    _check(turns)
+    validate_turns(turns)
     if style not in STYLES:
         raise EmoscopeError(f"Unknown chat style '{style}' (use {', '.join(STYLES)}).")
     has_template = bool(getattr(tokenizer, "chat_template", None))

@@ -1,22 +1,30 @@
 """Command line: thin commands over the public Python API.
 
-Every failure the user can fix is printed as one ``error:`` line (exit status 2); Ctrl-C stops
-cleanly (exit status 130) and long jobs resume where they stopped when re-run.
+Every argument is checked when it is parsed and every named file when it is named, and a bank is
+read (cheap) before its model is loaded (slow): a mistake the user can fix is one ``error:`` line
+with exit status 2, printed before any model is loaded. Ctrl-C stops cleanly (exit status 130)
+and long jobs resume where they stopped when re-run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from emoscope.errors import EmoscopeError
 
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {}
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+DEFAULT_SHOWN = ("happy", "sad", "afraid", "angry", "calm", "desperate")
 
 
 def command(name: str) -> Callable[[Handler], Handler]:
@@ -27,41 +35,350 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def _number(text: str, what: str, kind: type = float) -> Any:
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes read like every other CLI error: one ``error:`` line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message.rstrip('.')} (see `{self.prog} --help`)\n")
+
+
+# ----- argument types: each turns one command-line string into a checked value -----
+
+
+def _argument_type(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Let a checker raise :class:`EmoscopeError`; argparse reports it as the argument's error."""
+
+    def check(text: str) -> Any:
+        try:
+            return fn(text)
+        except EmoscopeError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    check.__name__ = fn.__name__
+    return check
+
+
+def _whole(text: str) -> int:
     try:
-        return kind(text)
+        return int(text.strip())
     except ValueError:
+        raise EmoscopeError(f"{text!r} is not a whole number.") from None
+
+
+def _real(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise EmoscopeError(f"{text!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise EmoscopeError(f"{text!r} is not a finite number.")
+    return value
+
+
+def at_least(lowest: int) -> Callable[[str], int]:
+    def whole_number(text: str) -> int:
+        value = _whole(text)
+        if value < lowest:
+            raise EmoscopeError(f"expected a whole number >= {lowest}, got {value}.")
+        return value
+
+    return _argument_type(whole_number)
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+
+
+def real_in(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Callable[[str], float]:
+    """A finite number in a range; ``low_open``/``high_open`` exclude that end."""
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    lower = "-inf" if low is None else f"{low:g}"
+    upper = "inf" if high is None else f"{high:g}"
+    shown = f"{left}{lower}, {upper}{right}"
+
+    def number(text: str) -> float:
+        value = _real(text)
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            raise EmoscopeError(f"expected a number in {shown}, got {value:g}.")
+        return value
+
+    return _argument_type(number)
+
+
+finite_float = real_in()
+probability = real_in(0.0, 1.0, low_open=True)
+fraction = real_in(0.0, 1.0, high_open=True)
+non_negative_float = real_in(0.0)
+positive_float = real_in(0.0, low_open=True)
+
+
+@_argument_type
+def story_variance(text: str) -> float | str:
+    return "auto" if text.strip() == "auto" else fraction(text)
+
+
+@_argument_type
+def layer_spec(text: str) -> list[int]:
+    """``"18"``, ``"16-20"`` or ``"6,12,18"`` -> a sorted list of distinct layers."""
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        first, dash, last = (piece.strip() for piece in part.partition("-"))
+        if not re.fullmatch(r"\d+", first) or (dash and not re.fullmatch(r"\d+", last)):
+            raise EmoscopeError(
+                f"cannot read layers {text!r}: write one layer (18), a range (16-20) or a list "
+                "(6,12,18) of layer numbers >= 0."
+            )
+        start, end = int(first), int(last) if dash else int(first)
+        if end < start:
+            raise EmoscopeError(f"layer range {part!r} runs backwards; write {end}-{start}.")
+        layers.update(range(start, end + 1))
+    return sorted(layers)
+
+
+@_argument_type
+def emotion_name(text: str) -> str:
+    from emoscope.concepts import resolve_emotion
+
+    return resolve_emotion(text)
+
+
+@_argument_type
+def emotion_list(text: str) -> list[str]:
+    from emoscope.concepts import resolve_emotions
+
+    return resolve_emotions([t for t in text.split(",") if t.strip()])
+
+
+@_argument_type
+def emotion_strength(text: str) -> tuple[str, float | None]:
+    """``"happy=0.3"``, or ``"happy"`` to take ``--strength``."""
+    from emoscope.concepts import resolve_emotion
+
+    name, equals, value = text.partition("=")
+    return resolve_emotion(name), _real(value) if equals else None
+
+
+@_argument_type
+def alert_rule(text: str) -> Any:
+    from emoscope.monitor import AlertRule
+
+    return AlertRule.parse(text)
+
+
+@_argument_type
+def positions(text: str) -> str | tuple[int, int]:
+    """``all``, ``prompt``, ``response`` or a token span ``START:END`` with 0 <= START < END."""
+    text = text.strip()
+    if text in ("all", "prompt", "response"):
+        return text
+    start, colon, end = text.partition(":")
+    if not colon:
+        raise EmoscopeError(f"expected all, prompt, response or START:END, got {text!r}.")
+    span = _whole(start), _whole(end)
+    if not 0 <= span[0] < span[1]:
+        raise EmoscopeError(f"token span {text!r} must satisfy 0 <= START < END.")
+    return span
+
+
+@_argument_type
+def non_empty_text(text: str) -> str:
+    if not text.strip():
+        raise EmoscopeError("the text is empty.")
+    return text
+
+
+@_argument_type
+def dtype_name(text: str) -> str:
+    name = text.strip().lower()
+    if name not in DTYPES:
+        raise EmoscopeError(f"unknown dtype {text!r}; use one of {', '.join(DTYPES)}.")
+    return name
+
+
+@_argument_type
+def device_name(text: str) -> str:
+    """A torch device that exists on this machine (or ``auto``), checked before any loading."""
+    text = text.strip()
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
         raise EmoscopeError(
-            f"{what}: {text!r} is not a {'number' if kind is float else 'whole number'}."
+            f"unknown device {text!r}; use cpu, cuda, cuda:N, mps or auto."
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise EmoscopeError("CUDA is not available on this machine; use --device cpu.")
+        if device.index is not None and device.index >= count:
+            raise EmoscopeError(f"there is no {text} (this machine has {count} CUDA device(s)).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EmoscopeError("MPS is not available on this machine; use --device cpu.")
+    return text
+
+
+@_argument_type
+def existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise EmoscopeError(f"no such file: {path}")
+    if path.is_dir():
+        raise EmoscopeError(f"{path} is a folder, not a file.")
+    return path
+
+
+@_argument_type
+def existing_folder(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise EmoscopeError(f"no such folder: {path}")
+    if not path.is_dir():
+        raise EmoscopeError(f"{path} is a file, not a folder.")
+    return path
+
+
+@_argument_type
+def story_source(text: str) -> Path:
+    """A story JSONL file, or a folder holding at least one."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise EmoscopeError(f"no such story file or folder: {path}")
+    if path.is_dir() and not any(path.glob("*.jsonl")):
+        raise EmoscopeError(f"{path} holds no *.jsonl story files.")
+    return path
+
+
+@_argument_type
+def output_folder(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise EmoscopeError(f"{path} is a file; give a folder (new or existing).")
+    return path
+
+
+@_argument_type
+def output_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise EmoscopeError(f"{path} is a folder; give a file name.")
+    return path
+
+
+@_argument_type
+def run_folder(text: str) -> Path:
+    """A folder written by ``emoscope extract`` (it holds ``report.json``)."""
+    from emoscope.files import read_json
+
+    path = existing_folder(text)
+    if not (path / "report.json").is_file():
+        raise EmoscopeError(
+            f"{path} is not a run folder (no report.json); run `emoscope extract --out {path}`."
+        )
+    if not isinstance(read_json(path / "report.json", "run report"), dict):
+        raise EmoscopeError(f"{path / 'report.json'} is not a run report.")
+    return path
+
+
+@_argument_type
+def transcript(text: str) -> list[dict[str, str]]:
+    from emoscope.monitor import load_transcript
+
+    return load_transcript(Path(text).expanduser())
+
+
+# ----- checks that need the bank (read before any model is loaded) -----
+
+
+def _bank(folder: Path) -> Any:
+    from emoscope.vectors import EmotionBank
+
+    try:
+        return EmotionBank.load(folder)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:  # a malformed bank folder
+        raise EmoscopeError(
+            f"{folder} is not a readable bank ({type(exc).__name__}: {exc}); rebuild it with "
+            "`emoscope extract`."
         ) from None
 
 
-def _layers(text: str | None) -> list[int] | None:
-    """``"18"``, ``"16-20"`` or ``"6,12,18"`` -> layer list."""
-    if not text:
+def _check_layers(bank: Any, layers: Sequence[int] | None) -> list[int] | None:
+    """The layers, each confirmed to be in the bank (``None`` stays the caller's default)."""
+    return None if layers is None else [bank.check_layer(layer) for layer in layers]
+
+
+def _check_emotions(bank: Any, emotions: Iterable[str]) -> list[str]:
+    """The emotions, each confirmed to be in the bank."""
+    return [bank.emotions[bank.index(e)] for e in emotions]
+
+
+def _model_for(args: argparse.Namespace, bank: Any) -> Any:
+    from emoscope.models import load_model
+
+    lm = load_model(args.model or bank.model_name, dtype=args.dtype, device=args.device)
+    bank.check_model(lm, args.allow_other_model)
+    return lm
+
+
+def _steering_from(args: argparse.Namespace, bank: Any) -> Any:
+    """The ``--emotion``/``--control-vector`` steering, fully checked against the bank."""
+    from emoscope.steer import Steering
+
+    layers = _check_layers(bank, args.layers)
+    pairs: dict[str, float] = {}
+    for name, strength in args.emotion or []:
+        if strength is None:
+            if args.strength is None:
+                raise EmoscopeError(
+                    f"Give a strength for '{name}': --strength S or --emotion {name}=S."
+                )
+            strength = args.strength
+        pairs[name] = pairs.get(name, 0.0) + strength
+    _check_emotions(bank, pairs)
+    extra = {}
+    if args.control_vector is not None:
+        from emoscope.export import read_control_vector
+
+        vectors = read_control_vector(args.control_vector, bank.hidden_size)
+        extra = {layer: v * args.control_scale for layer, v in vectors.items()}
+    if not pairs and not extra:
         return None
-    out: list[int] = []
-    for part in text.split(","):
-        if "-" in part.strip()[1:]:
-            a, b = part.split("-", 1)
-            out.extend(range(_number(a, "--layers", int), _number(b, "--layers", int) + 1))
-        else:
-            out.append(_number(part, "--layers", int))
-    return out
+    return Steering(
+        pairs,
+        layers=layers,
+        positions=args.positions,
+        force=args.force,
+        extra=extra,
+    )
 
 
-def _emotion_strength(item: str, default: float | None) -> tuple[str, float]:
-    """``"happy=0.3"`` or ``"happy"`` (with the default strength)."""
-    name, _, value = item.partition("=")
-    if value:
-        return name.strip(), _number(value, f"--emotion {name}")
-    if default is None:
-        raise EmoscopeError(f"Give a strength for '{item}': --strength S or --emotion {item}=S.")
-    return name.strip(), default
+def _sampling_from(args: argparse.Namespace, lm: Any) -> Any:
+    from emoscope.generation import chat_sampling
+
+    return chat_sampling(
+        lm,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        greedy=args.greedy,
+    )
 
 
-def _csv(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+# ----- commands -----
 
 
 @command("models")
@@ -77,26 +394,34 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 @command("extract")
 def cmd_extract(args: argparse.Namespace) -> int:
-    from emoscope.extract import ExtractConfig, extract
+    from emoscope.corpus.records import load_neutral, load_stories
+    from emoscope.pipeline import ExtractConfig, extract
     from emoscope.vectors import Recipe
 
-    story: float | str = (
-        args.story_variance
-        if args.story_variance == "auto"
-        else _number(args.story_variance, "--story-variance")
-    )
+    # A corpus of the user's own is read here, so a bad line is reported before the model loads.
+    for path, read, what in (
+        (args.stories, load_stories, "stories"),
+        (args.neutral, load_neutral, "neutral dialogues"),
+    ):
+        if path is None:
+            continue
+        try:
+            if not read(path):
+                raise EmoscopeError(f"{path} holds no {what}.")
+        except UnicodeDecodeError:
+            raise EmoscopeError(f"{path} is not UTF-8 text; corpus files are JSONL.") from None
     recipe = Recipe(
         token_offset=args.token_offset,
         neutral_variance=args.neutral_variance,
         neutral_pca=args.neutral_pca,
-        story_variance=story,
+        story_variance=args.story_variance,
     )
     config = ExtractConfig(
-        out=Path(args.out),
+        out=args.out,
         model=args.model,
         dtype=args.dtype,
         device=args.device,
-        layers=_layers(args.layers),
+        layers=args.layers,
         recipe=recipe,
         stories=args.stories,
         neutral=args.neutral,
@@ -126,19 +451,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 @command("corpus-check")
 def cmd_corpus_check(args: argparse.Namespace) -> int:
-    from emoscope.corpus.quality import main as quality_main
+    from emoscope.corpus.quality import print_results, run_gates
 
-    argv = [str(p) for p in args.paths]
-    if args.neutral:
-        argv = ["--neutral", *(argv[:1] or [])]
-    return quality_main(argv)
+    if args.neutral and len(args.paths) > 1:
+        raise EmoscopeError("--neutral checks one dialogue file; name at most one path.")
+    return print_results(run_gates(args.paths, neutral=args.neutral, emotions=args.emotions))
 
 
 @command("corpus-card")
 def cmd_corpus_card(args: argparse.Namespace) -> int:
-    from emoscope.corpus.card import write_card
+    from emoscope.corpus.card import build_card, write_card
 
-    print(write_card(Path(args.out)))
+    if args.out is None:
+        sys.stdout.write(build_card())
+    else:
+        print(f"wrote {write_card(args.out)}")
     return 0
 
 
@@ -147,10 +474,9 @@ def cmd_corpus_generate(args: argparse.Namespace) -> int:
     from emoscope.corpus.generate import GenerationPlan, generate_corpus
     from emoscope.models import load_model
 
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     plan = GenerationPlan(
         kind=args.kind,
-        emotions=_csv(args.emotions),
+        emotions=args.emotions,
         n_topics=args.topics,
         per_call=args.per_call,
         batch_size=args.batch_size,
@@ -158,106 +484,78 @@ def cmd_corpus_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
-    summary = generate_corpus(lm, Path(args.out), plan, progress=not args.no_progress)
-    emit_json(summary) if args.json else print("\n".join(f"{k}: {v}" for k, v in summary.items()))
-    return 0
-
-
-def _bank(args: argparse.Namespace) -> Any:
-    from emoscope.vectors import EmotionVectors
-
-    return EmotionVectors.load(args.bank)
-
-
-def _model_for(args: argparse.Namespace, bank: Any) -> Any:
-    from emoscope.models import load_model
-
-    lm = load_model(args.model or bank.model_name, dtype=args.dtype, device=args.device)
-    bank.check_model(lm, args.allow_other_model)
-    return lm
-
-
-def _steering_from(args: argparse.Namespace, bank: Any) -> Any:
-    from emoscope.steer import Steering
-
-    pairs = dict(_emotion_strength(item, args.strength) for item in args.emotion or [])
-    from emoscope.concepts import resolve_emotion
-
-    pairs = {resolve_emotion(k): v for k, v in pairs.items()}
-    extra = {}
-    if getattr(args, "control_vector", None):
-        from emoscope.export import read_control_vector
-
-        extra = {
-            layer: v * args.control_scale
-            for layer, v in read_control_vector(args.control_vector, bank.hidden_size).items()
-        }
-    if not pairs and not extra:
-        return None
-    positions: Any = args.positions
-    if positions and ":" in positions:
-        a, b = positions.split(":", 1)
-        positions = (_number(a, "--positions", int), _number(b, "--positions", int))
-    layers = _layers(args.layers) or [bank.steer_layer]
-    return Steering(pairs, layers, positions or "all", force=args.force, extra=extra)
-
-
-@command("steer")
-def cmd_steer(args: argparse.Namespace) -> int:
-    from emoscope.generation import SamplingConfig
-    from emoscope.steer import Steerer
-
-    bank = _bank(args)
-    steering = _steering_from(args, bank)
-    lm = _model_for(args, bank)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    prompts = args.prompt or []
-    if not prompts:
-        raise EmoscopeError("Give at least one --prompt.")
-    texts = Steerer(lm, bank, allow_other_model=args.allow_other_model).generate(
-        prompts, steering, sampling, chat=not args.raw
-    )
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    summary = generate_corpus(lm, args.out, plan, progress=not args.no_progress)
     if args.json:
-        emit_json({"text": texts[0]} if len(texts) == 1 else {"texts": texts})
+        emit_json(summary)
     else:
-        print("\n\n".join(texts))
+        print("\n".join(f"{k}: {v}" for k, v in summary.items()))
     return 0
 
 
 @command("score")
 def cmd_score(args: argparse.Namespace) -> int:
-    from emoscope.monitor import Monitor, load_transcript
+    from emoscope.monitor import Monitor
 
-    if bool(args.text) == bool(args.file):
-        raise EmoscopeError("Give exactly one of --text or --file.")
-    bank = _bank(args)
-    layers = _layers(args.layers)
-    for layer in layers or []:
-        bank.check_layer(layer)
-    item: Any = args.text if args.text else load_transcript(args.file)
+    turns = args.file
+    if args.concealment:
+        if turns is None:
+            raise EmoscopeError("--concealment compares assistant turns: use it with --file.")
+        if not any(t["role"] == "assistant" for t in turns):
+            raise EmoscopeError(
+                "--concealment needs a transcript with at least one assistant turn."
+            )
+        from emoscope.expression import require_lexicon
+
+        require_lexicon()  # the optional extra, checked before the model loads
+    bank = _bank(args.bank)
+    layers = _check_layers(bank, args.layers)
+    emotions = None if args.emotions is None else _check_emotions(bank, args.emotions)
     lm = _model_for(args, bank)
     monitor = Monitor(
-        lm, bank, _csv(args.emotions), layers if layers else None, args.mode, args.allow_other_model
+        lm,
+        bank,
+        emotions=emotions,
+        layers=layers,
+        mode=args.mode,
+        allow_other_model=args.allow_other_model,
     )
-    readout = monitor.score(item).smoothed(args.smooth)
+    readout = monitor.score(args.text if turns is None else turns).smoothed(args.smooth)
     result = readout.to_dict()
-    if not isinstance(item, str):
-        replies = [t["content"] for t in item if t["role"] == "assistant"]
-        if replies and readout.z is not None:
-            result["concealment"] = monitor.concealment(
-                readout.mean("assistant"), " ".join(replies)
-            )
+    if args.concealment:
+        replies = " ".join(t["content"] for t in turns if t["role"] == "assistant")
+        result["concealment"] = monitor.concealment(readout.mean("assistant"), replies)
     if args.json:
-        emit_json(result)
+        emit_json(_nan_to_null(result))
         return 0
-    top = readout.top(args.top)
+    top = readout.top(min(args.top, len(monitor.emotions)))
     for i, token in enumerate(readout.tokens):
         shown = "  ".join(f"{e} {v:+.2f}" for e, v in top[i])
         role = f"[{readout.roles[i][:4]}] " if readout.roles else ""
         print(f"{role}{token!r:>16}  {shown}")
-    if "concealment" in result:
-        gaps = ", ".join(f"{e} {g:.2f}" for e, g in result["concealment"]["top_gaps"])
-        print(f"\nconcealment gap (internal z high, text shows little): {gaps}")
+    if args.concealment:
+        gaps = ", ".join(
+            f"{e} {g:.2f}" for e, g in result["concealment"]["top_gaps"] if g is not None
+        )
+        print(f"\nconcealment gap (internal z high, text shows little): {gaps or 'none'}")
+    return 0
+
+
+@command("steer")
+def cmd_steer(args: argparse.Namespace) -> int:
+    from emoscope.steer import Steerer
+
+    bank = _bank(args.bank)
+    steering = _steering_from(args, bank)
+    lm = _model_for(args, bank)
+    steerer = Steerer(lm, bank, allow_other_model=args.allow_other_model)
+    texts = steerer.generate(
+        args.prompt, steering=steering, sampling=_sampling_from(args, lm), chat=not args.raw
+    )
+    if args.json:
+        emit_json({"prompts": list(args.prompt), "texts": list(texts)})
+    else:
+        print("\n\n".join(texts))
     return 0
 
 
@@ -265,83 +563,112 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from emoscope.chat_ui import run_chat
 
-    bank = _bank(args)
+    bank = _bank(args.bank)
     steering = _steering_from(args, bank)
-    return run_chat(_model_for(args, bank), bank, args, steering)
+    if args.show is None:
+        show = [e for e in DEFAULT_SHOWN if e in bank.emotions] or list(bank.emotions[:6])
+    else:
+        show = _check_emotions(bank, args.show)
+    for rule in args.alert:
+        _check_emotions(bank, [rule.emotion])
+        if rule.emotion not in show:
+            show.append(rule.emotion)  # an alert watches a shown emotion
+    if any(rule.kind == "gap" for rule in args.alert):
+        from emoscope.expression import require_lexicon
+
+        require_lexicon()  # the optional extra, checked before the model loads
+    lm = _model_for(args, bank)
+    return run_chat(
+        lm,
+        bank,
+        show=show,
+        alerts=list(args.alert),
+        sampling=_sampling_from(args, lm),
+        steering=steering,
+        log=args.log,
+        live=not args.no_live,
+        allow_other_model=args.allow_other_model,
+    )
 
 
 @command("validate-steering")
 def cmd_validate_steering(args: argparse.Namespace) -> int:
+    bank = _bank(args.bank)
+    layers = _check_layers(bank, args.layers)
+    out = args.out if args.out is not None else args.bank / "steering"
     from emoscope.analysis.steering_checks import validate_steering
     from emoscope.report.steering import write_steering_report
     from emoscope.steer import Steerer
 
-    bank = _bank(args)
-    layers = [bank.check_layer(layer) for layer in (_layers(args.layers) or [bank.steer_layer])]
     lm = _model_for(args, bank)
     result = validate_steering(
-        lm,
         Steerer(lm, bank, allow_other_model=args.allow_other_model),
-        layers,
-        args.feeling_strength,
-        args.max_strength,
-        args.strengths,
-        args.max_new_tokens,
+        layers=layers,
+        feeling_strength=args.feeling_strength,
+        max_strength=args.max_strength,
+        n_strengths=args.strengths,
+        max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress,
     )
-    out = Path(args.out or Path(args.bank) / "steering")
     write_steering_report(result, out)
+    summary = _nan_to_null(result["summary"])
     if args.json:
-        emit_json(result["summary"])
-    else:
-        s = result["summary"]
-        print(
-            f"He feels: own word rises for {s['he_feels_own_word_rises']}/12; diagonal - off-diagonal {s['he_feels_diagonal_minus_off']:+.2f} nats"
-        )
-        print(f"I feel:   own word rises for {s['i_feel_own_word_rises']}/12")
-        for e, rho in s["dose_rho"].items():
-            print(f"dose-response {e:>6}: Spearman rho {rho:+.2f} (coherent strengths)")
-        print(f"report: {out}/steering.json, {out}/steering.html")
+        emit_json(summary)
+        return 0
+    print(
+        f"He feels: own word rises for {summary['he_feels_own_word_rises']}/12; "
+        f"diagonal - off-diagonal {summary['he_feels_diagonal_minus_off']:+.2f} nats"
+    )
+    print(f"I feel:   own word rises for {summary['i_feel_own_word_rises']}/12")
+    for e, rho in summary["dose_rho"].items():
+        shown = "undefined (too few coherent strengths)" if rho is None else f"{rho:+.2f}"
+        print(f"dose-response {e:>6}: Spearman rho {shown} (coherent strengths)")
+    print(f"report: {out}/steering.json, {out}/steering.html")
     return 0
 
 
 @command("export")
 def cmd_export(args: argparse.Namespace) -> int:
     from emoscope.export import export_bank, export_emotions
-    from emoscope.vectors import EmotionVectors
 
-    bank = EmotionVectors.load(args.bank)
-    layers = _layers(args.layers) or [bank.steer_layer]
+    bank = _bank(args.bank)
+    layers = _check_layers(bank, args.layers)
     if args.all:
-        paths = export_bank(bank, Path(args.out), args.strength, layers)
+        if args.out.exists() and not args.out.is_dir():
+            raise EmoscopeError(
+                f"{args.out} is a file; --all writes one file per emotion into a folder."
+            )
+        paths = export_bank(bank, args.out, args.strength, layers)
         print(f"wrote {len(paths)} files to {args.out}")
         return 0
-    pairs = {}
-    for item in args.emotion or []:
-        name, strength = _emotion_strength(item, args.strength)
-        pairs[name] = strength
-    if not pairs:
-        raise EmoscopeError("Name --emotion E (or E=S) at least once, or pass --all.")
-    print(export_emotions(bank, Path(args.out), pairs, layers))
+    pairs: dict[str, float] = {}
+    for name, strength in args.emotion:
+        pairs[name] = pairs.get(name, 0.0) + (args.strength if strength is None else strength)
+    _check_emotions(bank, pairs)
+    print(export_emotions(bank, args.out, pairs, layers))
     return 0
 
 
 @command("compare")
 def cmd_compare(args: argparse.Namespace) -> int:
+    from emoscope.files import atomic_write_text
     from emoscope.report.compare import compare
 
-    table = compare(args.runs)
+    try:
+        table = compare(args.runs)
+    except (KeyError, TypeError) as exc:  # a report.json without the fields the table reads
+        raise EmoscopeError(
+            f"A run's report.json lacks {exc}; re-run `emoscope extract` on it with this version."
+        ) from None
     if args.out:
-        Path(args.out).write_text(table)
+        atomic_write_text(args.out, table)
     print(table)
     return 0
 
 
 @command("info")
 def cmd_info(args: argparse.Namespace) -> int:
-    from emoscope.vectors import EmotionVectors
-
-    bank = EmotionVectors.load(args.bank)
+    bank = _bank(args.bank)
     m = bank.manifest
     keys = [
         "model",
@@ -357,7 +684,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "created",
     ]
     if args.json:
-        emit_json({k: v for k, v in m.items() if k not in ("emotions",)})
+        emit_json(_nan_to_null({k: v for k, v in m.items() if k != "emotions"}))
     else:
         for k in keys:
             print(f"{k:18s} {m.get(k)}")
@@ -366,11 +693,76 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def bank_clusters(bank: Any, folder: Path) -> dict[str, int]:
+    """Each emotion's k-means cluster in a bank, numbered 1.. by falling mean human valence.
+
+    Read from the run's ``report.json`` (the clusters its report shows) where there is one,
+    else computed on the bank's default-layer vectors in the same way.
+    """
+    report = folder / "report.json"
+    if report.is_file():
+        from emoscope.files import read_json
+
+        clusters = read_json(report, "run report").get("geometry", {}).get("clusters")
+        if clusters:
+            return {e: n for n, members in enumerate(clusters, start=1) for e in members}
+    from emoscope.analysis.geometry import kmeans_clusters
+    from emoscope.concepts import human_norms
+
+    labels = kmeans_clusters(bank.vectors[bank.default_layer], k=min(10, len(bank.emotions)))
+    norms = human_norms(bank.emotions)
+    members: dict[int, list[str]] = {}
+    for emotion, label in zip(bank.emotions, labels):
+        members.setdefault(label, []).append(emotion)
+
+    def mean_valence(label: int) -> float:
+        rated = [norms[e].valence for e in members[label] if e in norms]
+        return sum(rated) / len(rated) if rated else 5.0
+
+    order = sorted(members, key=lambda label: -mean_valence(label))
+    return {e: n for n, label in enumerate(order, start=1) for e in members[label]}
+
+
+@command("emotions")
+def cmd_emotions(args: argparse.Namespace) -> int:
+    from emoscope.concepts import emotion_table
+
+    clusters = None if args.bank is None else bank_clusters(_bank(args.bank), args.bank)
+    rows = emotion_table(clusters)
+    if args.json:
+        emit_json(rows)
+        return 0
+
+    def shown(value: object, fmt: str = "") -> str:
+        return f"{'-' if value is None else format(value, fmt):>7}"
+
+    print(f"{'emotion':16s} {'valence':>7s} {'arousal':>7s}" + ("  cluster" if args.bank else ""))
+    for row in rows:
+        line = f"{row['name']:16s} {shown(row['valence'], '.2f')} {shown(row['arousal'], '.2f')}"
+        print(line + (f"  {shown(row['cluster'])}" if args.bank else ""))
+    return 0
+
+
+# ----- the parser -----
+
+
 def _bank_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bank", required=True, help="a bank folder written by `emoscope extract`")
+    p.add_argument(
+        "--bank",
+        required=True,
+        type=existing_folder,
+        help="a bank folder written by `emoscope extract`",
+    )
     p.add_argument("--model", help="model to use (default: the bank's model)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, auto")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        type=dtype_name,
+        help="float32 (default), bfloat16, float16, auto",
+    )
+    p.add_argument(
+        "--device", default="cpu", type=device_name, help="cpu, cuda, cuda:N, mps or auto"
+    )
     p.add_argument(
         "--allow-other-model",
         action="store_true",
@@ -378,30 +770,67 @@ def _bank_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _steer_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def _steer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--emotion", action="append", help="emotion to steer, or EMOTION=STRENGTH (repeatable)"
+        "--emotion",
+        action="append",
+        type=emotion_strength,
+        help="emotion to steer, or EMOTION=STRENGTH (repeatable; summed)",
     )
     p.add_argument(
         "--strength",
-        type=float,
+        type=finite_float,
         help="strength in units of the residual norm (paper: 0.5 short spans, ~0.1 rollouts)",
     )
     p.add_argument(
-        "--layers", help="steering layer(s), e.g. 19 or 16-20 (default: the bank's steering layer)"
+        "--layers",
+        type=layer_spec,
+        help="steering layer(s), e.g. 19 or 16-20 (default: the bank's steering layer)",
     )
     p.add_argument(
-        "--positions", default="all", help="all, prompt, response, or START:END token span"
+        "--positions",
+        default="all",
+        type=positions,
+        help="all, prompt, response, or START:END token span",
     )
     p.add_argument(
-        "--control-vector", type=Path, help="also add a llama.cpp/repeng control-vector GGUF file"
+        "--control-vector",
+        type=existing_file,
+        help="also add a llama.cpp/repeng control-vector GGUF file",
     )
-    p.add_argument("--control-scale", type=float, default=1.0, help="scale for --control-vector")
+    p.add_argument(
+        "--control-scale", type=finite_float, default=1.0, help="scale for --control-vector"
+    )
     p.add_argument("--force", action="store_true", help="allow |strength| > 2")
 
 
+def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=max_new_tokens,
+        help=f"tokens to generate per reply (default {max_new_tokens})",
+    )
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        help="sampling temperature, 0 = greedy (default: the model's generation config)",
+    )
+    choice.add_argument("--greedy", action="store_true", help="always pick the likeliest token")
+    p.add_argument(
+        "--top-p", type=probability, help="nucleus sampling mass in (0, 1] (default: the model's)"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=positive_float,
+        help="> 1 discourages repeats (default: the model's, else 1.15; 1 turns it off)",
+    )
+    p.add_argument("--seed", type=non_negative_int, help="seed for reproducible sampling")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="emoscope",
         description="Find, measure, monitor and steer emotion concepts in language models.",
     )
@@ -416,24 +845,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded name, model folder, .gguf file or Hugging Face id",
     )
     p.add_argument(
-        "--out", required=True, help="run folder (resumable; refuses a folder holding another run)"
+        "--out",
+        required=True,
+        type=output_folder,
+        help="run folder (resumable; refuses a folder holding another run)",
     )
-    p.add_argument("--layers", help="layers to extract, e.g. '0-29' or '10,15,20' (default: all)")
     p.add_argument(
-        "--dtype", default="auto", help="auto (bf16 where fast), float32, bfloat16, float16"
+        "--layers",
+        type=layer_spec,
+        help="layers to extract, e.g. '0-29' or '10,15,20' (default: all)",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        type=dtype_name,
+        help="auto (bf16 where fast), float32, bfloat16, float16",
+    )
+    p.add_argument(
+        "--device", default="cpu", type=device_name, help="cpu, cuda, cuda:N, mps or auto"
+    )
     p.add_argument(
         "--token-offset",
-        type=int,
+        type=non_negative_int,
         default=50,
         help="story tokens skipped before averaging (paper: 50)",
     )
     p.add_argument(
         "--neutral-variance",
-        type=float,
+        type=fraction,
         default=0.5,
-        help="neutral variance whose PCs are projected out (paper: 0.5)",
+        help="neutral variance in [0, 1) whose PCs are projected out (paper: 0.5)",
     )
     p.add_argument(
         "--neutral-pca",
@@ -443,14 +884,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--story-variance",
+        type=story_variance,
         default="auto",
-        help="within-emotion story variance projected out: auto (CV) or a number; 0 = paper recipe",
+        help="within-emotion story variance projected out: auto (CV) or a number in [0, 1); "
+        "0 = paper recipe",
     )
     p.add_argument(
-        "--stories", type=Path, help="story JSONL file or folder (default: the shipped corpus)"
+        "--stories",
+        type=story_source,
+        help="story JSONL file or folder (default: the shipped corpus)",
     )
     p.add_argument(
-        "--neutral", type=Path, help="neutral dialogue JSONL (default: the shipped corpus)"
+        "--neutral",
+        type=existing_file,
+        help="neutral dialogue JSONL (default: the shipped corpus)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -458,117 +905,195 @@ def build_parser() -> argparse.ArgumentParser:
         dest="corpus_command", required=True, metavar="ACTION"
     )
     p = corpus.add_parser("check", help="run the corpus quality gates")
-    p.add_argument("paths", nargs="*", type=Path, help="story files or folders (default: shipped)")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        type=story_source,
+        help="story files or folders (default: shipped); with --neutral, one dialogue file",
+    )
     p.add_argument("--neutral", action="store_true", help="check neutral dialogues instead")
-    p = corpus.add_parser("card", help="rebuild the corpus card")
-    p.add_argument("--out", default="docs/corpus.md")
+    p.add_argument("--emotions", type=emotion_list, help="comma-separated subset to check")
+    p = corpus.add_parser("card", help="print (or write) the corpus card")
+    p.add_argument(
+        "--out", type=output_file, help="write the card to this file (default: print it)"
+    )
     p = corpus.add_parser(
         "generate", help="have a model write stories (or neutral dialogues), resumably"
     )
     p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True, help="output folder (append-only JSONL; re-runs resume)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=output_folder,
+        help="output folder (append-only JSONL; re-runs resume)",
+    )
     p.add_argument("--kind", choices=["stories", "neutral"], default="stories")
-    p.add_argument("--emotions", help="comma-separated subset (default: all 171)")
-    p.add_argument("--topics", type=int, default=20, help="topics per emotion (default 20)")
-    p.add_argument("--per-call", type=int, default=2, help="stories asked for per prompt")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=400)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--emotions", type=emotion_list, help="comma-separated subset (default: all 171)"
+    )
+    p.add_argument(
+        "--topics", type=positive_int, default=20, help="topics per emotion (default 20)"
+    )
+    p.add_argument("--per-call", type=positive_int, default=2, help="stories asked for per prompt")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=400)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--dtype", default="auto", type=dtype_name)
+    p.add_argument("--device", default="cpu", type=device_name)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("score", help="per-token emotion readout of a text or transcript")
     _bank_args(p)
-    p.add_argument("--text", help="text to score")
-    p.add_argument("--file", type=Path, help="transcript JSON: a list of {role, content} turns")
-    p.add_argument("--emotions", help="comma-separated subset (default: all)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", type=non_empty_text, help="text to score")
+    source.add_argument(
+        "--file", type=transcript, help="transcript JSON: a list of {role, content} turns"
+    )
+    p.add_argument("--emotions", type=emotion_list, help="comma-separated subset (default: all)")
     p.add_argument(
-        "--layers", help="layer or band, e.g. 18 or 16-20 (default: the bank's default layer)"
+        "--layers",
+        type=layer_spec,
+        help="layer or band, e.g. 18 or 16-20 (default: the bank's default layer)",
     )
     p.add_argument("--mode", choices=["centred", "projection", "cosine"], default="centred")
-    p.add_argument("--smooth", type=int, default=1, help="moving-average window in tokens")
-    p.add_argument("--top", type=int, default=3, help="emotions shown per token")
+    p.add_argument("--smooth", type=positive_int, default=1, help="moving-average window in tokens")
+    p.add_argument("--top", type=positive_int, default=3, help="emotions shown per token")
+    p.add_argument(
+        "--concealment",
+        action="store_true",
+        help="with --file: internal readout vs what the assistant's text expresses "
+        "(needs emoscope[expression])",
+    )
     p.add_argument("--json", action="store_true", help="print tokens and scores as JSON")
 
     p = sub.add_parser("steer", help="generate with emotion steering")
     _bank_args(p)
     _steer_args(p)
-    p.add_argument("--prompt", action="append", help="user message (repeatable: batched)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        type=non_empty_text,
+        help="user message (repeatable: batched)",
+    )
     p.add_argument("--raw", action="store_true", help="treat prompts as raw text, not chat turns")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--json", action="store_true", help='print {"text": ...}')
+    _sampling_args(p, max_new_tokens=40)
+    p.add_argument("--json", action="store_true", help='print {"prompts": [...], "texts": [...]}')
 
     p = sub.add_parser("chat", help="terminal chat with live emotion readouts")
     _bank_args(p)
     _steer_args(p)
     p.add_argument(
-        "--show", default="happy,sad,afraid,angry,calm,desperate", help="emotions in the live bar"
+        "--show",
+        type=emotion_list,
+        help="emotions in the live bar (default: happy,sad,afraid,angry,calm,desperate)",
     )
     p.add_argument(
         "--alert",
         action="append",
         default=[],
-        help="alert rule, e.g. 'desperate > 2.5 sigma for 3 tokens'",
+        type=alert_rule,
+        help="alert rule, e.g. 'desperate > 2.5 sigma for 3 tokens' (repeatable)",
     )
-    p.add_argument("--log", type=Path, help="append-only JSONL log of alerts and transcripts")
-    p.add_argument("--max-new-tokens", type=int, default=120)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--log", type=output_file, help="append-only JSONL log of alerts and transcripts"
+    )
+    _sampling_args(p, max_new_tokens=120)
     p.add_argument(
         "--no-live", action="store_true", help="print the bar after each reply instead of live"
     )
 
     p = sub.add_parser("validate-steering", help="He-feels and dose-response checks of steering")
     _bank_args(p)
-    p.add_argument("--layers", help="steering layer(s) (default: the bank's steering layer)")
-    p.add_argument("--feeling-strength", type=float, default=0.5)
     p.add_argument(
-        "--max-strength", type=float, default=0.3, help="dose-response runs from -S to +S"
+        "--layers", type=layer_spec, help="steering layer(s) (default: the bank's steering layer)"
     )
-    p.add_argument("--strengths", type=int, default=7, help="number of strengths (>= 7)")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--out", help="output folder (default: BANK/steering)")
+    p.add_argument(
+        "--feeling-strength",
+        type=real_in(0.0, 2.0, low_open=True),
+        default=0.5,
+        help="strength of the He-feels / I-feel steering, in (0, 2] (default 0.5)",
+    )
+    p.add_argument(
+        "--max-strength",
+        type=real_in(0.0, 2.0, low_open=True),
+        default=0.3,
+        help="dose-response runs from -S to +S, S in (0, 2] (default 0.3)",
+    )
+    p.add_argument(
+        "--strengths",
+        type=at_least(3),
+        default=7,
+        help="number of dose-response strengths, >= 3 (default 7)",
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p.add_argument("--out", type=output_folder, help="output folder (default: BANK/steering)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser(
         "export", help="export emotion vectors as llama.cpp control-vector GGUF files"
     )
-    p.add_argument("--bank", required=True)
-    p.add_argument(
-        "--emotion", action="append", help="EMOTION or EMOTION=STRENGTH (repeatable; summed)"
+    p.add_argument("--bank", required=True, type=existing_folder)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--emotion",
+        action="append",
+        type=emotion_strength,
+        help="EMOTION or EMOTION=STRENGTH (repeatable; summed)",
     )
-    p.add_argument("--strength", type=float, default=1.0)
-    p.add_argument(
-        "--layers", help="layers (default: the bank's steering layer; layer 0 is not allowed)"
+    what.add_argument(
+        "--all", action="store_true", help="one file per emotion into the --out folder"
     )
-    p.add_argument("--all", action="store_true", help="one file per emotion into the --out folder")
-    p.add_argument("--out", required=True, help="output .gguf file (or folder with --all)")
+    p.add_argument("--strength", type=finite_float, default=1.0)
+    p.add_argument(
+        "--layers",
+        type=layer_spec,
+        help="layers (default: the bank's steering layer; layer 0 is not allowed)",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output .gguf file (or folder with --all)"
+    )
 
     p = sub.add_parser("compare", help="markdown table of several runs' headline numbers")
-    p.add_argument("runs", nargs="+", type=Path, help="run folders written by `emoscope extract`")
-    p.add_argument("--out", type=Path, help="also write the table to this file")
+    p.add_argument(
+        "runs", nargs="+", type=run_folder, help="run folders written by `emoscope extract`"
+    )
+    p.add_argument("--out", type=output_file, help="also write the table to this file")
 
     p = sub.add_parser("info", help="describe a bank")
-    p.add_argument("--bank", required=True)
+    p.add_argument("--bank", required=True, type=existing_folder)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "emotions", help="the 171 emotions with human valence/arousal (and a bank's clusters)"
+    )
+    p.add_argument(
+        "--bank", type=existing_folder, help="also show each emotion's k-means cluster in this bank"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object per emotion")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the one error line (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
     name = args.command if args.command != "corpus" else f"corpus-{args.corpus_command}"
     try:
         return COMMANDS[name](args)
     except EmoscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
@@ -578,8 +1103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _nan_to_null(data: Any) -> Any:
+    """The same data with undefined numbers (NaN, infinities) as ``None``, i.e. JSON ``null``."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _nan_to_null(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_nan_to_null(v) for v in data]
+    return data
+
+
 def emit_json(data: Any) -> None:
-    print(json.dumps(data, indent=1, ensure_ascii=False, default=float))
+    """Standard JSON only: a NaN that reaches here is a bug, not output."""
+    print(json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False, default=float))
 
 
 if __name__ == "__main__":

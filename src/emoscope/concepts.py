@@ -11,7 +11,7 @@ import difflib
 import importlib.util
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -73,7 +73,7 @@ def resolve_emotion(name: str) -> str:
         return key.replace(" ", "-")
     near = difflib.get_close_matches(key, EMOTIONS, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(near)}?" if near else ""
-    raise UnknownEmotionError(f"Unknown emotion '{name}'.{hint} See emoscope.EMOTIONS for all 171.")
+    raise UnknownEmotionError(f"Unknown emotion '{name}'.{hint} `emoscope emotions` lists all 171.")
 
 
 def resolve_emotions(names: Iterable[str] | None) -> list[str]:
@@ -102,7 +102,7 @@ def find_forbidden(emotion: str, text: str) -> list[str]:
     return [m.group(0) for m in forbidden_pattern(emotion).finditer(text)]
 
 
-def _package_file(package: str, relative: str, install: str) -> Path:
+def package_file(package: str, relative: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise MissingPackageError(
@@ -117,7 +117,7 @@ def _package_file(package: str, relative: str, install: str) -> Path:
 @cache
 def warriner_norms() -> dict[str, Norm]:
     """All 13,915 Warriner et al. (2013) lemmas, keyed by word."""
-    path = _package_file("labMTsimple", "data/WK/BRM-emot-submit.csv", NORMS_PACKAGE)
+    path = package_file("labMTsimple", "data/WK/BRM-emot-submit.csv", NORMS_PACKAGE)
     with path.open(newline="", encoding="utf-8") as f:
         return {
             row["Word"]: Norm(
@@ -131,3 +131,23 @@ def human_norms(emotions: Sequence[str] = EMOTIONS) -> dict[str, Norm]:
     """Norms for the given emotions that Warriner rates exactly (126 of the 171)."""
     table = warriner_norms()
     return {e: table[e] for e in emotions if e in table}
+
+
+def emotion_table(clusters: Mapping[str, int] | None = None) -> list[dict[str, object]]:
+    """One row per emotion: name, Warriner valence/arousal (``None`` where unrated), cluster.
+
+    ``clusters`` (emotion -> cluster id, e.g. from a bank's k-means) fills the cluster column.
+    """
+    norms = human_norms()
+    rows: list[dict[str, object]] = []
+    for name in EMOTIONS:
+        norm = norms.get(name)
+        rows.append(
+            {
+                "name": name,
+                "valence": None if norm is None else norm.valence,
+                "arousal": None if norm is None else norm.arousal,
+                "cluster": None if clusters is None else clusters.get(name),
+            }
+        )
+    return rows

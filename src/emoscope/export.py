@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from emoscope.errors import EmoscopeError
+from emoscope.files import atomic_path
 from emoscope.steer import Steering, steering_vectors
-from emoscope.vectors import EmotionVectors
+from emoscope.vectors import EmotionBank
 
 ARCH = "controlvector"
 
@@ -41,40 +42,38 @@ def write_control_vector(
         raise EmoscopeError(
             f"{path} is a folder; give a file name such as {path / 'calm.gguf'} (or use --all)."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    writer = GGUFWriter(str(partial), ARCH)
-    try:
-        writer.add_string(f"{ARCH}.model_hint", model_hint)
-        writer.add_uint32(f"{ARCH}.layer_count", len(vectors))
-        for layer in sorted(vectors):
-            data = vectors[layer].detach().float().cpu().numpy().astype(np.float32)
-            writer.add_tensor(f"direction.{layer}", data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    writer.close()
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        writer = GGUFWriter(str(partial), ARCH)
+        try:
+            writer.add_string(f"{ARCH}.model_hint", model_hint)
+            writer.add_uint32(f"{ARCH}.layer_count", len(vectors))
+            for layer in sorted(vectors):
+                data = vectors[layer].detach().float().cpu().numpy().astype(np.float32)
+                writer.add_tensor(f"direction.{layer}", data)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 
 def export_emotions(
-    bank: EmotionVectors,
+    bank: EmotionBank,
     path: Path | str,
     emotions: Mapping[str, float],
     layers: Sequence[int] | None = None,
 ) -> Path:
-    """Export a steering of one or more emotions (``{"happy": 0.3}``) at the given layers."""
-    vectors = steering_vectors(bank, Steering(dict(emotions), layers, force=True))
+    """Export a steering of one or more emotions (``{"happy": 0.3}``) at the given layers.
+
+    ``layers=None`` uses the bank's steering layer, exactly as :class:`Steering` does.
+    """
+    vectors = steering_vectors(bank, Steering(dict(emotions), layers=layers, force=True))
     return write_control_vector(path, vectors, str(bank.manifest.get("family", "llama")))
 
 
 def export_bank(
-    bank: EmotionVectors,
+    bank: EmotionBank,
     folder: Path | str,
     strength: float = 1.0,
     layers: Sequence[int] | None = None,

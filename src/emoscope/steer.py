@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from emoscope.hooks import (
     positions_before,
     positions_from,
 )
-from emoscope.vectors import EmotionVectors
+from emoscope.vectors import EmotionBank
 
 MAX_STRENGTH = 2.0
 POSITIONS = ("all", "prompt", "response")
@@ -39,20 +39,31 @@ class Steering:
     Args:
         emotions: ``{"happy": 0.3, "calm": -0.1}``; strengths in units of the layer's average
             residual norm.
-        layers: one layer or a band; ``None`` means the bank's default layer.
+        layers: one layer (``19``) or a band (``[17, 18, 19]``); ``None`` means the bank's
+            steering layer (:attr:`EmotionBank.steer_layer`), the one default every caller uses.
         positions: ``all``, ``prompt``, ``response`` or ``(start, end)``, a span of token
             indices counted from each sequence's first token (prompt and reply together).
         force: allow strengths above 2.0, which usually destroy coherence.
     """
 
     emotions: Mapping[str, float]
-    layers: Sequence[int] | None = None
+    _: KW_ONLY
+    layers: int | Sequence[int] | None = None
     positions: str | tuple[int, int] = "all"
     force: bool = False
     extra: Mapping[int, torch.Tensor] = field(default_factory=dict)
     """Raw vectors by layer added as they are (e.g. imported control vectors)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.layers, int):
+            object.__setattr__(self, "layers", (self.layers,))
+        elif self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or not all(isinstance(x, int) for x in layers):
+                raise EmoscopeError(
+                    f"layers must be a layer number, a non-empty list of them, or None (got {self.layers!r})."
+                )
+            object.__setattr__(self, "layers", layers)
         for emotion, strength in self.emotions.items():
             if not isinstance(strength, int | float) or strength != strength:
                 raise EmoscopeError(
@@ -74,9 +85,16 @@ class Steering:
                 raise EmoscopeError(f"Token span {self.positions} must satisfy 0 <= start < end.")
 
 
-def steering_vectors(bank: EmotionVectors, steering: Steering) -> dict[int, torch.Tensor]:
+def steering_layers(bank: EmotionBank, steering: Steering) -> list[int]:
+    """The layers a steering acts on: its own, or the bank's one default steering layer."""
+    if steering.layers is None:
+        return [bank.steer_layer]
+    return list(steering.layers)  # type: ignore[arg-type]
+
+
+def steering_vectors(bank: EmotionBank, steering: Steering) -> dict[int, torch.Tensor]:
     """``{layer: vector}``: the sum over emotions of strength x residual norm x unit vector."""
-    layers = [bank.check_layer(layer) for layer in (steering.layers or [bank.default_layer])]
+    layers = [bank.check_layer(layer) for layer in steering_layers(bank, steering)]
     out: dict[int, torch.Tensor] = {}
     for layer in layers:
         total = torch.zeros(bank.hidden_size)
@@ -117,10 +135,10 @@ class Steerer:
 
     Example:
         >>> steerer = Steerer(lm, bank)
-        >>> steerer.generate(["Tell me about your day."], Steering({"happy": 0.3}))
+        >>> steerer.generate(["Tell me about your day."], steering=Steering({"happy": 0.3}))
     """
 
-    def __init__(self, lm: Any, bank: EmotionVectors, allow_other_model: bool = False) -> None:
+    def __init__(self, lm: Any, bank: EmotionBank, *, allow_other_model: bool = False) -> None:
         bank.check_model(lm, allow_other_model)
         self.lm, self.bank = lm, bank
 
@@ -149,21 +167,24 @@ class Steerer:
         return self.lm.encode_prompts(prompts, chat)
 
     def generate_rows(
-        self, batch: Batch, steering: Steering | None, sampling: SamplingConfig
+        self,
+        batch: Batch,
+        *,
+        steering: Steering | None = None,
+        sampling: SamplingConfig | None = None,
     ) -> list[list[int]]:
         """Generated ids of an already-encoded batch, steered (or plain with ``None``)."""
         with self.apply(steering, batch):
-            return decode_rows(self.lm, batch, sampling)
+            return decode_rows(self.lm, batch, sampling or SamplingConfig())
 
     def generate(
         self,
         prompts: Sequence[str],
-        steering: Steering | None,
+        *,
+        steering: Steering | None = None,
         sampling: SamplingConfig | None = None,
         chat: bool = True,
     ) -> list[str]:
         """Steered (or, with ``steering=None``, plain) batched generation; returns the replies."""
-        rows = self.generate_rows(
-            self.encode(prompts, chat), steering, sampling or SamplingConfig()
-        )
+        rows = self.generate_rows(self.encode(prompts, chat), steering=steering, sampling=sampling)
         return [self.lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]

@@ -13,7 +13,7 @@ from scipy.cluster.vq import kmeans2
 from scipy.spatial.distance import squareform
 from scipy.stats import pearsonr
 
-from emoscope.concepts import Norm
+from emoscope.concepts import Norm, human_norms
 
 
 def cosine_matrix(vectors: torch.Tensor) -> np.ndarray:
@@ -82,6 +82,14 @@ def norm_correlations(
             ref = [getattr(norms[emotions[i]], dim) for i in rated]
             out[f"pc{pc + 1}_{dim}"] = correlate([float(scores[i, pc]) for i in rated], ref)
     return out
+
+
+def pca_norm_correlations(
+    vectors: torch.Tensor, emotions: Sequence[str], n_pcs: int = 3
+) -> dict[str, Any]:
+    """:func:`norm_correlations` of the bank's own first principal components (``[emotions,
+    hidden]`` vectors), against the human norms of the emotions rated."""
+    return norm_correlations(pca(vectors, k=n_pcs).scores, emotions, human_norms(emotions), n_pcs)
 
 
 def representational_similarity(matrices: Mapping[int, np.ndarray]) -> tuple[list[int], np.ndarray]:

@@ -9,13 +9,17 @@ position on neutral prompts, so an emotion that is always high at that position 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from scipy.stats import spearmanr
 
 from emoscope.activations import positions_readout
+from emoscope.files import atomic_save_tensors
 
 
 def assistant_start_readouts(
@@ -27,6 +31,47 @@ def assistant_start_readouts(
     add_special = chats[0].add_special_tokens if chats else False
     return positions_readout(
         lm, [c.text for c in chats], positions, layers, add_special_tokens=add_special
+    )
+
+
+@dataclass
+class PromptReadouts:
+    """Residuals at the start of the assistant turn, each ``[prompts, layers, hidden]``.
+
+    ``neutral`` calibrates the z-scores, ``implicit`` and ``intensity`` are the prompts of the
+    evaluation set (see :func:`prompt_readouts`).
+    """
+
+    layers: list[int]
+    neutral: torch.Tensor
+    implicit: torch.Tensor
+    intensity: torch.Tensor
+
+    def save(self, path: Path) -> None:
+        atomic_save_tensors(
+            {"neutral": self.neutral, "implicit": self.implicit, "intensity": self.intensity}, path
+        )
+
+    @classmethod
+    def load(cls, path: Path, layers: Sequence[int]) -> PromptReadouts:
+        data = load_file(str(path))
+        return cls(list(layers), data["neutral"], data["implicit"], data["intensity"])
+
+
+def intensity_texts(templates: Sequence[dict[str, Any]]) -> list[str]:
+    """Every filled-in intensity prompt, template by template, value by value."""
+    return [t["template"].format(value=v) for t in templates for v in t["values"]]
+
+
+def prompt_readouts(
+    lm: Any, neutral_messages: Sequence[str], prompts: dict[str, Any], layers: Sequence[int]
+) -> PromptReadouts:
+    """Assistant-turn readouts of neutral user messages and of the evaluation prompts."""
+    return PromptReadouts(
+        list(layers),
+        assistant_start_readouts(lm, neutral_messages, layers),
+        assistant_start_readouts(lm, [p["text"] for p in prompts["implicit"]], layers),
+        assistant_start_readouts(lm, intensity_texts(prompts["intensity"]), layers),
     )
 
 

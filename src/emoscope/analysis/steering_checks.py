@@ -20,12 +20,15 @@ from tqdm.auto import tqdm
 
 from emoscope.batching import Batch, from_token_lists
 from emoscope.concepts import CORE_EMOTIONS
-from emoscope.corpus.quality import vader_compound
+from emoscope.errors import EmoscopeError
 from emoscope.generation import SamplingConfig
 from emoscope.hooks import add_to_residual
-from emoscope.steer import Steerer, Steering, span_rule, steering_vectors
+from emoscope.lexicons import vader_compound
+from emoscope.steer import Steerer, Steering, span_rule, steering_layers, steering_vectors
 
 DOSE_EMOTIONS = ("happy", "sad", "calm", "angry")
+MIN_STRENGTHS = 3
+"""A rank correlation over fewer strengths is undefined or meaningless."""
 NEUTRAL_PROMPTS = (
     "Describe an ordinary Tuesday morning.",
     "Write a few sentences about a kitchen table.",
@@ -87,14 +90,15 @@ def word_logprobs(
 
 
 def feeling_test(
-    lm: Any,
     steerer: Steerer,
+    *,
     emotions: Sequence[str] = CORE_EMOTIONS,
     strength: float = 0.5,
     layers: Sequence[int] | None = None,
     subject: str = "he",
 ) -> dict[str, Any]:
     """The paper's "He feels" (``subject="he"``) or "I feel" (``subject="i"``) test."""
+    lm = steerer.lm
     question, answer = (
         ("How does he feel?", "He feels") if subject == "he" else ("How do you feel?", "I feel")
     )
@@ -104,14 +108,14 @@ def feeling_test(
     base = word_logprobs(lm, prefix, words)
     delta = np.zeros((len(words), len(words)))
     for i, e in enumerate(words):
-        vectors = steering_vectors(steerer.bank, Steering({e: strength}, layers))
+        vectors = steering_vectors(steerer.bank, Steering({e: strength}, layers=layers))
         delta[i] = (word_logprobs(lm, prefix, words, vectors, span) - base).numpy()
     diag = np.diag(delta)
     off = delta[~np.eye(len(words), dtype=bool)]
     return {
         "prompt": f"{question} / {answer}",
         "strength": strength,
-        "layers": list(layers or [steerer.bank.default_layer]),
+        "layers": steering_layers(steerer.bank, Steering({}, layers=layers)),
         "words": words,
         "delta_logprob": delta.round(4).tolist(),
         "own_word_rises": int((diag > 0).sum()),
@@ -163,9 +167,14 @@ def _crossing(
     return out
 
 
+def _finite(x: float | None) -> float | None:
+    """A correlation, or ``None`` where it is undefined (constant input), so JSON stays standard."""
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
 def dose_response(
-    lm: Any,
     steerer: Steerer,
+    *,
     emotions: Sequence[str] = DOSE_EMOTIONS,
     max_strength: float = 0.5,
     n_strengths: int = 9,
@@ -175,12 +184,19 @@ def dose_response(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Mean VADER score of steered continuations per strength, with a perplexity guard."""
+    if n_strengths < MIN_STRENGTHS:
+        raise EmoscopeError(
+            f"A dose-response needs at least {MIN_STRENGTHS} strengths (got {n_strengths})."
+        )
+    if not max_strength > 0:
+        raise EmoscopeError(f"max_strength must be > 0 (got {max_strength}).")
+    lm = steerer.lm
     strengths = [round(float(x), 6) for x in np.linspace(-max_strength, max_strength, n_strengths)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     batch = steerer.encode(prompts)
     out: dict[str, Any] = {
         "strengths": strengths,
-        "layers": list(layers or [steerer.bank.default_layer]),
+        "layers": steering_layers(steerer.bank, Steering({}, layers=layers)),
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "emotions": {},
@@ -193,7 +209,7 @@ def dose_response(
     )
 
     def run(steering: Steering | None) -> tuple[float, float, str]:
-        rows = steerer.generate_rows(batch, steering, sampling)
+        rows = steerer.generate_rows(batch, steering=steering, sampling=sampling)
         texts = [lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         bar.update()
         return (
@@ -205,20 +221,22 @@ def dose_response(
     baseline = run(None)  # unsteered: shared by every emotion's strength 0 and the guard
     base_ppl = baseline[1]
     for emotion in emotions:
-        results = [run(Steering({emotion: s}, layers)) if s != 0 else baseline for s in strengths]
+        results = [
+            run(Steering({emotion: s}, layers=layers)) if s != 0 else baseline for s in strengths
+        ]
         vader, ppl, samples = (list(column) for column in zip(*results, strict=True))
         coherent = [i for i, p in enumerate(ppl) if p < 2 * base_ppl]
         rho_all = spearmanr(strengths, vader)[0]
         rho_ok = (
             spearmanr([strengths[i] for i in coherent], [vader[i] for i in coherent])[0]
             if len(coherent) >= 3
-            else float("nan")
+            else None
         )
         out["emotions"][emotion] = {
             "mean_vader": vader,
             "perplexity": ppl,
-            "spearman_rho": float(rho_all),
-            "spearman_rho_coherent": float(rho_ok),
+            "spearman_rho": _finite(rho_all),
+            "spearman_rho_coherent": _finite(rho_ok),
             "coherent_strengths": [strengths[i] for i in coherent],
             "perplexity_doubles_at": _crossing(strengths, ppl, 2 * base_ppl),
             "samples": samples,
@@ -229,8 +247,8 @@ def dose_response(
 
 
 def validate_steering(
-    lm: Any,
     steerer: Steerer,
+    *,
     layers: Sequence[int] | None = None,
     feeling_strength: float = 0.5,
     max_strength: float = 0.5,
@@ -238,10 +256,9 @@ def validate_steering(
     max_new_tokens: int = 40,
     progress: bool = True,
 ) -> dict[str, Any]:
-    he = feeling_test(lm, steerer, strength=feeling_strength, layers=layers, subject="he")
-    i_feel = feeling_test(lm, steerer, strength=feeling_strength, layers=layers, subject="i")
+    he = feeling_test(steerer, strength=feeling_strength, layers=layers, subject="he")
+    i_feel = feeling_test(steerer, strength=feeling_strength, layers=layers, subject="i")
     dose = dose_response(
-        lm,
         steerer,
         max_strength=max_strength,
         n_strengths=n_strengths,

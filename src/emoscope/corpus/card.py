@@ -1,7 +1,8 @@
 """The corpus card (``docs/corpus.md``): how the shipped corpus was made and what its gates measure.
 
 Every figure in the card is computed here from the shipped files, so the card can be rebuilt
-with ``emoscope corpus card`` whenever the corpus changes, and the tests check it is current.
+with ``emoscope corpus card --out docs/corpus.md`` whenever the corpus changes, and the tests
+check it is current.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from statistics import mean
 from emoscope.concepts import EMOTIONS, human_norms
 from emoscope.corpus import quality
 from emoscope.corpus.records import load_eval_prompts, load_neutral, load_stories, load_topics
+from emoscope.errors import EmoscopeError
+from emoscope.files import atomic_write_text
+from emoscope.lexicons import vader_compound
 
 HOW_MADE = """\
 ## How it was made
@@ -140,7 +144,7 @@ def build_card() -> str:
         if not group:
             continue
         n = norms.get(e)
-        compound = mean(quality.vader_compound(s.text) for s in group)
+        compound = mean(vader_compound(s.text) for s in group)
         v = valence.get(e)
         lines.append(
             _row(
@@ -158,7 +162,9 @@ def build_card() -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_card(), encoding="utf-8")
-    return path
+def write_card(path: Path | str) -> Path:
+    """Write the card to ``path`` (whole or not at all); the folder must already exist."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise EmoscopeError(f"No such folder: {path.parent} (the card goes to {path}).")
+    return atomic_write_text(path, build_card())

@@ -13,9 +13,8 @@ batch, in the corpus format that ``emoscope extract --stories`` reads.
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from tqdm.auto import tqdm
 from emoscope.batching import encode
 from emoscope.concepts import EMOTIONS, find_forbidden, resolve_emotions
 from emoscope.corpus import quality
-from emoscope.corpus.records import append_jsonl, iter_complete_jsonl, load_topics, parse_dialogue
+from emoscope.corpus.records import load_topics, parse_dialogue
 from emoscope.errors import EmoscopeError
+from emoscope.files import append_jsonl, atomic_open, claim_folder, iter_complete_jsonl
 from emoscope.generation import SamplingConfig, decode_rows
 
 STORY_PROMPT = (
@@ -182,44 +182,57 @@ def _prompt(cell: Cell, plan: GenerationPlan) -> str:
     return template.format(n=plan.per_call, premise=cell.premise.rstrip("."), emotion=cell.emotion)
 
 
-def _check_plan(out: Path, lm: Any, plan: GenerationPlan) -> None:
+def _claim(out: Path, lm: Any, plan: GenerationPlan) -> None:
     """One folder, one model and one kind: resuming with another would mix two corpora."""
     identity = {"kind": plan.kind, "model": lm.name, "per_call": plan.per_call}
-    record = out / "plan.json"
-    if record.exists():
-        previous = json.loads(record.read_text())
-        changed = [k for k in identity if previous.get(k) != identity[k]]
-        if changed:
-            raise EmoscopeError(
-                f"{out} holds a generation run with a different {', '.join(changed)} "
-                f"({', '.join(f'{k}={previous.get(k)!r}' for k in changed)}); choose another --out."
-            )
-    else:
-        if (out / "log.jsonl").exists():
-            raise EmoscopeError(f"{out} has a log.jsonl but no plan.json; choose another --out.")
-        record.write_text(json.dumps(identity, indent=1))
+
+    def describe(changed: list[str], previous: Mapping[str, Any]) -> str:
+        was = ", ".join(f"{k}={previous.get(k)!r}" for k in changed)
+        return f"a generation run with a different {', '.join(changed)}: {was}"
+
+    claim_folder(out, identity, "plan.json", describe, owned_files=("log.jsonl",))
 
 
 def _rebuild(out: Path, plan: GenerationPlan) -> Path:
     """Write the corpus file from the log (atomically), so it always matches finished cells."""
-    name = "neutral.jsonl" if plan.kind == "neutral" else "stories.jsonl"
-    target = out / name
-    partial = out / f"{name}.partial-{os.getpid()}"
-    with partial.open("w", encoding="utf-8") as f:
+    target = out / ("neutral.jsonl" if plan.kind == "neutral" else "stories.jsonl")
+    with atomic_open(target) as f:
         for entry in iter_complete_jsonl(out / "log.jsonl"):
             for item in entry.get("items", []):
                 f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    os.replace(partial, target)
     return target
 
 
+def _generate_cells(
+    lm: Any, group: Sequence[Cell], plan: GenerationPlan, kept: dict[str, list[str]], seed: int
+) -> list[dict[str, Any]]:
+    """One batched generation call for ``group``; a log entry per cell (kept, dropped, raw)."""
+    chats = [lm.chat([{"role": "user", "content": _prompt(c, plan)}]) for c in group]
+    batch = encode(lm.tokenizer, [c.text for c in chats], lm.device, chats[0].add_special_tokens)
+    sampling = SamplingConfig(plan.max_new_tokens, plan.temperature, 0.95, seed)
+    parse = parse_dialogues if plan.kind == "neutral" else parse_stories
+    entries = []
+    for cell, ids in zip(group, decode_rows(lm, batch, sampling), strict=True):
+        raw = lm.tokenizer.decode(ids, skip_special_tokens=True)
+        items, dropped = parse(cell, raw, kept.setdefault(cell.emotion or "neutral", []))
+        entries.append({"cell": cell.key, "items": items, "dropped": dropped, "raw": raw})
+    return entries
+
+
 def generate_corpus(
-    lm: Any, out: Path, plan: GenerationPlan, progress: bool = True
+    lm: Any,
+    out: Path,
+    plan: GenerationPlan,
+    progress: bool = True,
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate (or resume generating) a corpus into ``out``; returns counts."""
+    """Generate (or resume generating) a corpus into ``out``; returns counts.
+
+    ``on_batch`` is called with each batch's log entries once they are safely on disk (for
+    progress reporting; an exception raised there stops the run with nothing lost).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_plan(out, lm, plan)
+    _claim(out, lm, plan)
     log = out / "log.jsonl"
     done = {entry["cell"] for entry in iter_complete_jsonl(log) if "cell" in entry}
     kept: dict[str, list[str]] = {}
@@ -229,7 +242,9 @@ def generate_corpus(
             kept.setdefault(key, []).append(
                 item.get("text") or " ".join(t["content"] for t in item.get("turns", []))
             )
-    cells = [c for c in plan_cells(plan) if c.key not in done]
+    planned = plan_cells(plan)
+    position = {c.key: i for i, c in enumerate(planned)}
+    cells = [c for c in planned if c.key not in done]
     bar = tqdm(
         total=len(cells) + len(done),
         initial=len(done),
@@ -238,25 +253,19 @@ def generate_corpus(
         disable=not progress,
         dynamic_ncols=True,
     )
-    for start in range(0, len(cells), plan.batch_size):
-        group = cells[start : start + plan.batch_size]
-        chats = [lm.chat([{"role": "user", "content": _prompt(c, plan)}]) for c in group]
-        batch = encode(
-            lm.tokenizer, [c.text for c in chats], lm.device, chats[0].add_special_tokens
-        )
-        sampling = SamplingConfig(plan.max_new_tokens, plan.temperature, 0.95, plan.seed + start)
-        rows = decode_rows(lm, batch, sampling)
-        entries = []
-        for cell, ids in zip(group, rows):
-            raw = lm.tokenizer.decode(ids, skip_special_tokens=True)
-            pool = kept.setdefault(cell.emotion or "neutral", [])
-            parse = parse_dialogues if plan.kind == "neutral" else parse_stories
-            items, dropped = parse(cell, raw, pool)
-            entries.append({"cell": cell.key, "items": items, "dropped": dropped, "raw": raw})
-        append_jsonl(log, entries)
-        _rebuild(out, plan)
-        bar.update(len(group))
-    bar.close()
+    try:
+        for start in range(0, len(cells), plan.batch_size):
+            group = cells[start : start + plan.batch_size]
+            # Seeded by place in the plan: resumed with the same batch size, a run writes what
+            # an uninterrupted one would have.
+            entries = _generate_cells(lm, group, plan, kept, plan.seed + position[group[0].key])
+            append_jsonl(log, entries)
+            _rebuild(out, plan)
+            bar.update(len(group))
+            if on_batch is not None:
+                on_batch(entries)
+    finally:
+        bar.close()
     target = _rebuild(out, plan)
     entries = list(iter_complete_jsonl(log))
     totals: dict[str, int] = {}
@@ -265,7 +274,7 @@ def generate_corpus(
             totals[f"dropped_{k}"] = totals.get(f"dropped_{k}", 0) + v
     return {
         "cells_done": len({e["cell"] for e in entries}),
-        "cells_planned": len(plan_cells(plan)),
+        "cells_planned": len(planned),
         "kept": sum(len(e.get("items", [])) for e in entries),
         **totals,
         "output": str(target),

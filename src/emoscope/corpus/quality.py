@@ -17,9 +17,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from emoscope.concepts import EMOTIONS, find_forbidden, human_norms
+from emoscope.concepts import EMOTIONS, find_forbidden, human_norms, resolve_emotions
 from emoscope.corpus.records import Dialogue, Story, load_neutral, load_stories, load_topics
-from emoscope.errors import MissingPackageError
+from emoscope.errors import EmoscopeError
+from emoscope.lexicons import vader_compound
 
 MIN_STORIES = 16
 TEST_PER_EMOTION = 4
@@ -178,21 +179,6 @@ def check_duplicates(stories: Sequence[Story]) -> GateResult:
     )
 
 
-@cache
-def _vader() -> Any:
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError:
-        raise MissingPackageError(
-            "VADER is needed for this check: pip install vaderSentiment==3.3.2"
-        ) from None
-    return SentimentIntensityAnalyzer()
-
-
-def vader_compound(text: str) -> float:
-    return float(_vader().polarity_scores(text)["compound"])
-
-
 def check_valence(stories: Sequence[Story]) -> GateResult:
     """For emotions humans rate clearly negative or positive, VADER must agree in sign."""
     norms = human_norms()
@@ -280,32 +266,75 @@ def story_gates(stories: Sequence[Story], emotions: Sequence[str] = EMOTIONS) ->
     ]
 
 
+def run_gates(
+    paths: Sequence[Path] = (), neutral: bool = False, emotions: Sequence[str] | None = None
+) -> list[GateResult]:
+    """The gates on story files or folders (default: the shipped corpus), or with ``neutral``
+    on one neutral-dialogue file (default: the shipped one); ``emotions`` narrows the stories."""
+    for path in paths:
+        if not Path(path).exists():
+            raise EmoscopeError(f"No such corpus file or folder: {path}")
+    try:
+        return _gates(paths, neutral, emotions)
+    except UnicodeDecodeError:
+        raise EmoscopeError(
+            f"{', '.join(map(str, paths))}: not UTF-8 text; corpus files are JSONL."
+        ) from None
+
+
+def _gates(
+    paths: Sequence[Path], neutral: bool, emotions: Sequence[str] | None
+) -> list[GateResult]:
+    if neutral:
+        if len(paths) > 1:
+            raise EmoscopeError("The neutral gate checks one dialogue file; name at most one.")
+        dialogues = load_neutral(paths[0] if paths else None)
+        if not dialogues:
+            raise EmoscopeError(f"{paths[0]} holds no dialogues.")
+        return [check_neutral(dialogues)]
+    stories: list[Story] = []
+    for path in paths or [None]:
+        found = load_stories(path)
+        if not found:
+            raise EmoscopeError(f"{path} holds no stories (a folder is read for *.jsonl files).")
+        stories += found
+    if emotions is None:
+        emotions = sorted({s.emotion for s in stories})
+    else:
+        missing = [e for e in emotions if not any(s.emotion == e for s in stories)]
+        if missing:
+            raise EmoscopeError(f"No stories for: {', '.join(missing)}.")
+    return story_gates([s for s in stories if s.emotion in emotions], emotions)
+
+
+def print_results(results: Sequence[GateResult]) -> int:
+    """Print one line per gate and its failures; exit status 0 when every gate passes, else 1."""
+    for r in results:
+        print(f"[{'PASS' if r.passed else 'FAIL'}] {r.name}: {r.summary}")
+        for line in r.failures:
+            print(f"    - {line}")
+    return 0 if all(r.passed for r in results) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m emoscope.corpus.quality``: the same gates as ``emoscope corpus check``."""
     parser = argparse.ArgumentParser(description="Run the corpus quality gates.")
     parser.add_argument(
         "paths", nargs="*", type=Path, help="story files or folders (default: shipped)"
     )
     parser.add_argument("--emotions", help="comma-separated subset to check")
-    parser.add_argument(
-        "--neutral", type=Path, nargs="?", const=Path(""), help="check neutral dialogues"
-    )
+    parser.add_argument("--neutral", action="store_true", help="check neutral dialogues instead")
     args = parser.parse_args(argv)
-    if args.neutral is not None:
-        results = [check_neutral(load_neutral(args.neutral if str(args.neutral) else None))]
-    else:
-        stories = [s for p in (args.paths or [None]) for s in load_stories(p)]
+    try:
         emotions = (
-            args.emotions.split(",") if args.emotions else sorted({s.emotion for s in stories})
+            resolve_emotions([e for e in args.emotions.split(",") if e.strip()])
+            if args.emotions
+            else None
         )
-        stories = [s for s in stories if s.emotion in emotions]
-        results = story_gates(stories, emotions)
-    ok = True
-    for r in results:
-        ok &= r.passed
-        print(f"[{'PASS' if r.passed else 'FAIL'}] {r.name}: {r.summary}")
-        for line in r.failures:
-            print(f"    - {line}")
-    return 0 if ok else 1
+        return print_results(run_gates(args.paths, args.neutral, emotions))
+    except (EmoscopeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
 """Corpus records and strict JSONL reading.
 
-Shipped and user corpora are read strictly (a bad line is an error naming file, line and field);
-files that emoscope appends to while generating are read tolerantly, because a killed run can
-leave one unfinished last line that the next run must be able to skip.
+Shipped and user corpora are read strictly (a bad line is an error naming file, line and field).
+Logs that emoscope appends to while generating are read tolerantly instead, through
+:func:`emoscope.files.iter_complete_jsonl`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -129,43 +128,6 @@ def read_jsonl(path: Path, parse: Callable[[dict[str, Any], Path, int], T]) -> l
                 raise CorpusFormatError(path, n, "<line>", "expected a JSON object")
             out.append(parse(obj, path, n))
     return out
-
-
-def iter_complete_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the objects of an append-only log, skipping a torn final line left by a crash."""
-    if not Path(path).exists():
-        return
-    with Path(path).open(encoding="utf-8") as f:
-        for raw in f:
-            if not raw.endswith("\n"):
-                return
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                yield obj
-
-
-def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append whole lines and flush them to disk, so a kill loses at most what is in flight.
-
-    A torn last line from an earlier crash is terminated first so that it cannot swallow the
-    first new record.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if not payload:
-        return
-    with path.open("a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write(payload.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def record(obj: Story | Topic | Dialogue) -> dict[str, Any]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from emoscope.errors import EmoscopeError
+from emoscope.files import read_json
 
-ROWS: list[tuple[str, Any]] = [
+ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     (
         "family, layers, hidden",
         lambda r: f"{r['model']['family']}, {r['model']['n_layers']}, {r['model']['hidden_size']}",
@@ -63,15 +63,46 @@ def _best(report: dict[str, Any]) -> str:
     return f"{best['test']['top5']:.1%} (layer {best['layer']})"
 
 
-def compare(runs: Sequence[Path]) -> str:
-    reports = []
-    for run in runs:
-        path = Path(run) / "report.json"
-        if not path.exists():
-            raise EmoscopeError(f"{path} does not exist; run `emoscope extract --out {run}` first.")
-        reports.append(json.loads(path.read_text()))
-    head = "| measure | " + " | ".join(r["model"]["model"] for r in reports) + " |"
-    lines = [head, "|" + " --- |" * (len(reports) + 1)]
+def _model_name(report: dict[str, Any]) -> str:
+    return report["model"]["model"]
+
+
+def _load(run: Path | str) -> dict[str, Any]:
+    path = Path(run) / "report.json"
+    if not path.exists():
+        raise EmoscopeError(f"{path} does not exist; run `emoscope extract --out {run}` first.")
+    report = read_json(path, "report")
+    if not isinstance(report, dict):
+        raise EmoscopeError(f"{path} is not an emoscope report; run `emoscope extract` again.")
+    return report
+
+
+def _cell(value: Any) -> str:
+    """A markdown table cell: a ``|`` in a model name must not split the row."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _value(
+    report: dict[str, Any], run: Path | str, label: str, get: Callable[[dict[str, Any]], Any]
+) -> str:
+    try:
+        return _cell(get(report))
+    except (KeyError, IndexError, TypeError):
+        raise EmoscopeError(
+            f"{Path(run) / 'report.json'} lacks the numbers for '{label}' (written by another "
+            "emoscope version?); "
+            f"run `emoscope extract --out {run}` again."
+        ) from None
+
+
+def compare(runs: Sequence[Path | str]) -> str:
+    """A markdown table with one column per run folder and one row per headline number."""
+    if not runs:
+        raise EmoscopeError("Name at least one run folder to compare.")
+    reports = [_load(run) for run in runs]
+    names = [_value(r, run, "model", _model_name) for r, run in zip(reports, runs)]
+    lines = ["| measure | " + " | ".join(names) + " |", "|" + " --- |" * (len(reports) + 1)]
     for label, get in ROWS:
-        lines.append(f"| {label} | " + " | ".join(str(get(r)) for r in reports) + " |")
+        cells = [_value(r, run, label, get) for r, run in zip(reports, runs)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

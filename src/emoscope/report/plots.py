@@ -1,9 +1,12 @@
-"""Figures for the report, as self-contained PNG data URIs and inline SVG (no network needed)."""
+"""Figures for the reports, as self-contained PNG data URIs and inline SVG (no network needed).
+
+These are the only pieces of a report page that are not escaped: they are marked safe here,
+where emoscope itself builds them, and every name drawn into the SVG is escaped on the way in.
+"""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -13,19 +16,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from markupsafe import Markup, escape
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
            "#1f77b4", "#8c564b"]  # fmt: skip
 
 
-def png(fig: Any) -> str:
+def png(fig: Any) -> Markup:
+    """The figure as a PNG data URI (base64 only, so nothing in it can break out of an attribute)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return Markup("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
 
 
-def layer_sweep(sweep: Sequence[dict[str, Any]], default_layer: int, two_thirds: int) -> str:
+def layer_sweep(sweep: Sequence[dict[str, Any]], default_layer: int, two_thirds: int) -> Markup:
     layers = [s["layer"] for s in sweep]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for split, style, alpha, name in (
@@ -68,7 +73,7 @@ def heatmap(
     vmax: float = 1,
     col_labels: Sequence[str] | None = None,
     annotate: bool = False,
-) -> str:
+) -> Markup:
     fig, ax = plt.subplots(figsize=(size, size * (len(labels) / max(1, len(col_labels or labels)))))
     im = ax.imshow(matrix, cmap="RdBu_r", vmin=vmin, vmax=vmax, interpolation="nearest")
     cols = col_labels or labels
@@ -86,7 +91,7 @@ def heatmap(
 
 def norm_scatter(
     x: Sequence[float], y: Sequence[float], names: Sequence[str], xlabel: str, ylabel: str, r: float
-) -> str:
+) -> Markup:
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     ax.scatter(x, y, s=10, color=PALETTE[0])
     for xi, yi, n in zip(x, y, names):
@@ -98,7 +103,7 @@ def norm_scatter(
     return png(fig)
 
 
-def intensity_lines(templates: Sequence[dict[str, Any]]) -> str:
+def intensity_lines(templates: Sequence[dict[str, Any]]) -> Markup:
     n = len(templates)
     cols = 4
     rows = (n + cols - 1) // cols
@@ -125,13 +130,42 @@ def intensity_lines(templates: Sequence[dict[str, Any]]) -> str:
     return png(fig)
 
 
+def signed(x: float | None) -> str:
+    """A correlation for display; ``n/a`` where it is undefined (stored as ``null``)."""
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
+def dose_curves(dose: dict[str, Any]) -> Markup:
+    """Mean VADER score and perplexity against steering strength, one line per emotion."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for k, (emotion, d) in enumerate(dose["emotions"].items()):
+        color = PALETTE[k % len(PALETTE)]
+        rho = d["spearman_rho_coherent"]
+        axes[0].plot(
+            dose["strengths"],
+            d["mean_vader"],
+            "-o",
+            color=color,
+            label=f"{emotion} (rho {signed(rho)})",
+        )
+        axes[1].plot(dose["strengths"], d["perplexity"], "-o", color=color, label=emotion)
+    axes[0].set_ylabel("mean VADER compound")
+    axes[1].set_ylabel("perplexity under unsteered model")
+    axes[1].axhline(2 * dose["baseline_perplexity"], color="grey", ls=":", label="2x baseline")
+    for ax in axes:
+        ax.set_xlabel("strength (x residual norm)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return png(fig)
+
+
 def emotion_map_svg(
     points: dict[str, Sequence[float]],
     clusters: Sequence[Sequence[str]],
     norms: dict[str, Any],
     width: int = 760,
     height: int = 560,
-) -> str:
+) -> Markup:
     """PC1 x PC2 map of every emotion; hover a point for its name, cluster and human norms."""
     cluster_of = {e: i for i, members in enumerate(clusters) for e in members}
     xs = np.array([p[0] for p in points.values()])
@@ -154,10 +188,10 @@ def emotion_map_svg(
         c = PALETTE[cluster_of.get(name, 0) % len(PALETTE)]
         n = norms.get(name)
         rating = f" | valence {n.valence:.2f}, arousal {n.arousal:.2f}" if n else " | not rated"
-        tip = html.escape(f"{name} (cluster {cluster_of.get(name, 0) + 1}){rating}")
+        tip = escape(f"{name} (cluster {cluster_of.get(name, 0) + 1}){rating}")
         parts.append(
             f'<g><title>{tip}</title><circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4.5" fill="{c}" fill-opacity="0.85"/>'
-            f'<text x="{sx(x) + 5:.1f}" y="{sy(y) + 3:.1f}" font-size="8" fill="#333">{html.escape(name)}</text></g>'
+            f'<text x="{sx(x) + 5:.1f}" y="{sy(y) + 3:.1f}" font-size="8" fill="#333">{escape(name)}</text></g>'
         )
     parts.append("</svg>")
-    return "".join(parts)
+    return Markup("".join(parts))
