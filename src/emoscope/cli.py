@@ -530,7 +530,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 0
     top = readout.top(min(args.top, len(monitor.emotions)))
     for i, token in enumerate(readout.tokens):
-        shown = "  ".join(f"{e} {v:+.2f}" for e, v in top[i])
+        shown = "  ".join(f"{e} {v:+.2f}" for e, v in top[i]) or "(attention sink: left out)"
         role = f"[{readout.roles[i][:4]}] " if readout.roles else ""
         print(f"{role}{token!r:>16}  {shown}")
     if args.concealment:
