@@ -230,24 +230,24 @@ def device_name(text: str) -> str:
     return text
 
 
+def _existing(text: str, folder: bool) -> Path:
+    path = Path(text).expanduser()
+    kind, other = ("folder", "file") if folder else ("file", "folder")
+    if not path.exists():
+        raise EmoscopeError(f"no such {kind}: {path}")
+    if path.is_dir() != folder:
+        raise EmoscopeError(f"{path} is a {other}, not a {kind}.")
+    return path
+
+
 @_argument_type
 def existing_file(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise EmoscopeError(f"no such file: {path}")
-    if path.is_dir():
-        raise EmoscopeError(f"{path} is a folder, not a file.")
-    return path
+    return _existing(text, folder=False)
 
 
 @_argument_type
 def existing_folder(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise EmoscopeError(f"no such folder: {path}")
-    if not path.is_dir():
-        raise EmoscopeError(f"{path} is a file, not a folder.")
-    return path
+    return _existing(text, folder=True)
 
 
 @_argument_type
