@@ -32,6 +32,13 @@ def static(lm, ids: list[list[int]], sampling: SamplingConfig = GREEDY) -> list[
     return decode_rows(lm, from_token_lists(ids, 0), sampling)
 
 
+def static_steered(lm, bank, ids: list[int], steering: Steering) -> list[int]:
+    """The static decoding loop under the steering hooks: the reference the engine must match."""
+    batch = from_token_lists([ids], 0)
+    with Steerer(lm, bank).apply(steering, batch):
+        return decode_rows(lm, batch, GREEDY)[0]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_do_not_depend_on_the_batch_or_on_joining_late(tiny_lm, family):
     lm = tiny_lm(family)
@@ -152,9 +159,7 @@ def test_steered_request_matches_the_static_steerer(tiny_lm, positions):
     bank = synthetic_bank(lm)
     ids = prompt_ids(lm)
     steering = Steering({"happy": 1.5, "sad": -0.7}, layers=[1, 2], positions=positions)
-    expected = Steerer(lm, bank).generate_rows(
-        from_token_lists([ids[0]], 0), steering=steering, sampling=GREEDY
-    )[0]
+    expected = static_steered(lm, bank, ids[0], steering)
     assert expected != static(lm, [ids[0]])[0]
     handles = Engine(lm, bank=bank, max_tokens=64).generate(
         [Request(ids[1], GREEDY), Request(ids[0], GREEDY, steering=steering)]
@@ -171,9 +176,7 @@ def test_ready_made_vectors_steer_without_a_bank(tiny_lm):
     from emoscope.steer import steering_vectors
 
     vectors = steering_vectors(bank, steering)
-    expected = Steerer(lm, bank).generate_rows(
-        from_token_lists([ids], 0), steering=steering, sampling=GREEDY
-    )[0]
+    expected = static_steered(lm, bank, ids, steering)
     engine = Engine(lm, max_tokens=64)
     handle = engine.submit(Request(ids, GREEDY, steering=vectors, positions="response"))
     assert handle.result().tokens == expected
@@ -369,3 +372,103 @@ def test_add_per_row_adds_each_rows_vector_and_leaves_zero_rows_exact(tiny_lm):
         add_per_row(lm.model, lm.adapter, {9: rows}),
     ):
         pass
+
+
+# ----- every caller generates through the engine ------------------------------------------
+
+
+def _static_loop_forbidden(*_args, **_kwargs):
+    raise AssertionError("the static decoding loop ran")
+
+
+def test_steerer_monitor_and_corpus_generation_run_on_the_engine(tiny_lm, tmp_path, monkeypatch):
+    from emoscope.corpus import generate as corpus_generate
+
+    lm = tiny_lm("llama")
+    bank = synthetic_bank(lm)
+    for module in ("emoscope.steer", "emoscope.monitor", "emoscope.corpus.generate"):
+        for name in ("decode_rows", "decode_steps"):
+            monkeypatch.setattr(f"{module}.{name}", _static_loop_forbidden, raising=False)
+    steering = Steering({"happy": 1.0}, layers=1)
+    assert len(Steerer(lm, bank).generate(TEXTS, steering=steering, sampling=GREEDY)) == 4
+    monitored = Monitor(lm, bank, emotions=["calm"]).generate(TEXTS[:2], sampling=GREEDY)
+    assert [len(m.token_ids) for m in monitored] == [8, 8]
+    plan = corpus_generate.GenerationPlan(emotions=["happy"], n_topics=2, max_new_tokens=6)
+    assert corpus_generate.generate_corpus(lm, tmp_path, plan, progress=False)["cells_done"] == 2
+
+
+def test_the_static_fallback_gives_what_the_engine_gives(tiny_lm, monkeypatch):
+    from emoscope.errors import UnsupportedArchitectureError
+
+    lm = tiny_lm("llama")
+    bank = synthetic_bank(lm)
+    steering = Steering({"happy": 1.0, "sad": -0.5}, layers=[1, 2], positions="response")
+    monitor = Monitor(lm, bank, emotions=["calm", "happy"], layers=[1, 2])
+
+    def run():
+        steered = Steerer(lm, bank).generate(TEXTS, steering=steering, sampling=GREEDY, chat=False)
+        watched = monitor.generate(TEXTS, steering=steering, sampling=GREEDY, chat=False)
+        return steered, watched
+
+    on_engine = run()
+
+    def refuse(*_args, **_kwargs):
+        raise UnsupportedArchitectureError("not this one")
+
+    monkeypatch.setattr("emoscope.steer.engine_for", refuse)
+    monkeypatch.setattr("emoscope.monitor.engine_for", refuse)
+    on_loop = run()
+    assert on_loop[0] == on_engine[0]
+    for a, b in zip(on_loop[1], on_engine[1], strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.z, b.z, atol=1e-4, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["projection", "cosine"])
+def test_live_readouts_equal_offline_in_every_mode(tiny_lm, mode):
+    lm = tiny_lm("llama")
+    monitor = Monitor(lm, synthetic_bank(lm), layers=[1, 2], mode=mode)
+    batch = monitor.encode(TEXTS[:2], chat=False)
+    live = monitor.generate(TEXTS[:2], sampling=GREEDY, chat=False)
+    for row, generation in enumerate(live):
+        prompt = batch.rows()[row]
+        offline = monitor.score_tokens(prompt + generation.token_ids)
+        choosing = slice(len(prompt) - 1, len(prompt) + len(generation.token_ids) - 1)
+        torch.testing.assert_close(generation.scores, offline.scores[choosing], atol=1e-4, rtol=0)
+        if mode == "cosine":
+            assert generation.z is None and offline.z is None
+        else:
+            torch.testing.assert_close(
+                generation.z, offline.z[choosing], atol=1e-4, rtol=0, equal_nan=True
+            )
+
+
+def test_a_seeded_batch_gives_each_row_its_own_reproducible_stream(tiny_lm):
+    lm = tiny_lm("llama")
+    steerer = Steerer(lm, synthetic_bank(lm))
+    sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=5, stop_at_eos=False)
+    pair = steerer.generate(["same prompt", "same prompt"], sampling=sampled, chat=False)
+    assert pair[0] != pair[1]
+    alone = steerer.generate(
+        ["same prompt"], sampling=SamplingConfig(12, 1.0, seed=6, stop_at_eos=False), chat=False
+    )
+    assert alone[0] == pair[1]
+    assert steerer.generate(["same prompt"] * 2, sampling=sampled, chat=False) == pair
+
+
+def test_corpus_cells_get_the_same_text_whatever_the_batch_size(tiny_lm, tmp_path):
+    from emoscope.corpus.generate import GenerationPlan, generate_corpus
+    from emoscope.files import iter_complete_jsonl
+
+    lm = tiny_lm("llama")
+    raws = []
+    for batch_size in (1, 3):
+        plan = GenerationPlan(
+            emotions=["happy", "sad"], n_topics=2, batch_size=batch_size, max_new_tokens=10
+        )
+        out = tmp_path / f"batch-{batch_size}"
+        generate_corpus(lm, out, plan, progress=False)
+        entries = iter_complete_jsonl(out / "log.jsonl")
+        raws.append({entry["cell"]: entry["raw"] for entry in entries})
+    assert raws[0] == raws[1] and len(raws[0]) == 4

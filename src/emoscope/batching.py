@@ -36,6 +36,11 @@ class Batch:
         """Left-pad count per row: row ``r``'s token ``j`` sits at column ``padding[r] + j``."""
         return self.width - self.lengths
 
+    def rows(self) -> list[list[int]]:
+        """Each row's real token ids, padding removed."""
+        ids, keep = self.input_ids.tolist(), self.attention_mask.bool().tolist()
+        return [[t for t, k in zip(row, mask) if k] for row, mask in zip(ids, keep)]
+
     def inputs(self) -> dict[str, torch.Tensor]:
         return {
             "input_ids": self.input_ids,

@@ -35,7 +35,7 @@ import inspect
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,12 +44,15 @@ from emoscope.batching import padding_id
 from emoscope.errors import EmoscopeError, UnsupportedArchitectureError
 from emoscope.generation import SamplingConfig, eos_ids
 from emoscope.hooks import ResidualReader, RowAddition, add_per_row
-from emoscope.vectors import SINK_NORM_RATIO, EmotionBank, centred_scores
+from emoscope.vectors import READOUT_MODES, SINK_NORM_RATIO, EmotionBank, centred_scores
 
 if TYPE_CHECKING:
     from emoscope.steer import Steering
 
 _UNBOUNDED = 2**62
+DEFAULT_MAX_BATCH = 64
+"""Slots of an engine built for a known set of prompts: on a 2-core CPU, throughput of
+SmolLM2-135M still grows from 16 to 64 rows and flattens after that."""
 _POSITIONS = ("all", "prompt", "response")
 
 
@@ -204,6 +207,7 @@ class _Readout:
     z_mean: torch.Tensor | None
     z_std: torch.Tensor | None
     sink_norm: float
+    cosine: bool = False
 
 
 @dataclass
@@ -356,6 +360,8 @@ class Engine:
             Readouts and steering arithmetic stay in float32. ``None`` keeps the model's dtype.
         monitor_layers: the layer (or band, averaged) readouts come from; default the bank's
             default layer, as in :class:`~emoscope.monitor.Monitor`.
+        mode: readout mode, ``centred`` (default), ``projection`` or ``cosine`` (no z-scores),
+            with the meanings of :class:`~emoscope.monitor.Monitor`.
         max_prefill_tokens: cap on padded prompt tokens admitted in one prefill pass (at least
             one request is always admitted).
 
@@ -376,6 +382,7 @@ class Engine:
         max_tokens: int = 1024,
         dtype: torch.dtype | str | None = None,
         monitor_layers: int | Sequence[int] | None = None,
+        mode: str = "centred",
         max_prefill_tokens: int = 8192,
         sink_norm_ratio: float = SINK_NORM_RATIO,
         allow_other_model: bool = False,
@@ -384,6 +391,9 @@ class Engine:
             raise EmoscopeError("max_batch, max_prefill_tokens must be >= 1 and max_tokens >= 2.")
         if bank is not None:
             bank.check_model(lm, allow_other_model)
+        if mode not in READOUT_MODES:
+            raise EmoscopeError(f"Unknown readout mode '{mode}' (use {', '.join(READOUT_MODES)}).")
+        self.mode = mode
         implementation = getattr(lm.model.config, "_attn_implementation", "eager")
         if implementation not in ("sdpa", "eager"):
             raise UnsupportedArchitectureError(
@@ -778,7 +788,10 @@ class Engine:
             last = hidden[:, -1]
             readout = table.readouts[layer]
             scores = centred_scores(last, readout.vectors, readout.centre)
-            return torch.cat([scores, last.float().norm(dim=-1, keepdim=True)], dim=-1)
+            norm = last.float().norm(dim=-1, keepdim=True)
+            if readout.cosine:
+                scores = scores / norm.clamp(min=1e-12)
+            return torch.cat([scores, norm], dim=-1)
 
         return transform
 
@@ -928,23 +941,33 @@ class Engine:
         bank, device = self.bank, self.device
         assert bank is not None
         rows = torch.tensor(union)
+        vectors = bank.vectors[layer][rows].to(device, torch.float32)
         z_mean = z_std = None
-        try:
-            z_mean = bank.stat("neutral_score_mean", layer)[rows].to(device, torch.float32)
-            z_std = bank.stat("neutral_score_std", layer)[rows].to(device, torch.float32)
-            z_std = z_std.clamp(min=1e-6)
-        except EmoscopeError:
-            z_mean = z_std = None
+        if self.mode != "cosine":
+            try:
+                z_mean = bank.stat("neutral_score_mean", layer)[rows].to(device, torch.float32)
+                z_std = bank.stat("neutral_score_std", layer)[rows].to(device, torch.float32)
+                z_std = z_std.clamp(min=1e-6)
+                if self.mode == "projection":
+                    z_mean = centred_scores(
+                        bank.stat("neutral_mean", layer).to(device), vectors
+                    ).float()
+            except EmoscopeError:
+                z_mean = z_std = None
         try:
             sink_norm = self._sink_ratio * bank.residual_norm(layer)
         except EmoscopeError:
             sink_norm = float("inf")
+        centre = (
+            bank.stat("mean", layer).to(device, torch.float32) if self.mode == "centred" else None
+        )
         return _Readout(
-            vectors=bank.vectors[layer][rows].to(device, torch.float32),
-            centre=bank.stat("mean", layer).to(device, torch.float32),
+            vectors=vectors,
+            centre=centre,
             z_mean=z_mean,
             z_std=z_std,
             sink_norm=sink_norm,
+            cosine=self.mode == "cosine",
         )
 
     def _accepts(self, name: str) -> bool:
@@ -976,3 +999,36 @@ def _window(positions: str | tuple[int, int], prompt_length: int) -> tuple[int, 
         return prompt_length, _UNBOUNDED
     start, end = positions  # type: ignore[misc]
     return int(start), int(end)
+
+
+def engine_for(
+    lm: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    lockstep: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    **options: Any,
+) -> Engine:
+    """An engine sized for a known set of tokenised prompts.
+
+    Its cache holds the longest prompt plus ``max_new_tokens``. With ``lockstep=True`` every
+    prompt gets a slot and all are admitted in the first pass, so the rows advance one token per
+    step together (what step-by-step callers such as :meth:`Monitor.stream` expect); otherwise at
+    most ``max_batch`` run at once and the rest join as slots free up.
+    """
+    if not prompts:
+        raise EmoscopeError("Give at least one prompt.")
+    longest = max(len(p) for p in prompts)
+    slots = len(prompts) if lockstep else max(1, min(len(prompts), max_batch))
+    if lockstep:
+        options.setdefault("max_prefill_tokens", slots * longest)
+    return Engine(lm, max_batch=slots, max_tokens=max(2, longest + max_new_tokens), **options)
+
+
+def row_sampling(sampling: SamplingConfig, row: int) -> SamplingConfig:
+    """The sampling of row ``row`` of a batch: a seeded batch gives each row its own stream
+    (``seed + row``), so rows differ from each other yet each is reproducible on its own."""
+    if sampling.seed is None or row == 0:
+        return sampling
+    return replace(sampling, seed=sampling.seed + row)

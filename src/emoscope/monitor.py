@@ -31,11 +31,12 @@ import torch
 from emoscope.batching import Batch, encode, from_token_lists
 from emoscope.chat import validate_turns
 from emoscope.concepts import resolve_emotion, resolve_emotions
-from emoscope.errors import EmoscopeError
+from emoscope.engine import Engine, Request, engine_for, row_sampling
+from emoscope.errors import EmoscopeError, UnsupportedArchitectureError
 from emoscope.files import append_jsonl
 from emoscope.generation import SamplingConfig, decode_steps, eos_ids, split_rows
 from emoscope.hooks import ResidualReader
-from emoscope.steer import Steerer, Steering
+from emoscope.steer import Steerer, Steering, steering_vectors
 from emoscope.vectors import READOUT_MODES, SINK_NORM_RATIO, EmotionBank, centred_scores
 
 
@@ -542,18 +543,89 @@ class Monitor:
         if rules and self._z is None:
             raise EmoscopeError("Alert rules need z-scores, which the cosine mode does not define.")
         tracker = AlertTracker(rules, self.emotions, batch.size)
+        prompt_rows = batch.rows()
+        try:
+            engine = engine_for(
+                self.lm,
+                prompt_rows,
+                sampling.max_new_tokens,
+                lockstep=True,
+                bank=self.bank,
+                monitor_layers=self.layers,
+                mode=self.mode,
+                allow_other_model=True,
+            )
+        except UnsupportedArchitectureError:
+            steps = self._static_steps(batch, steering, sampling)
+        else:
+            steps = self._engine_steps(engine, prompt_rows, steering, sampling)
+        for index, tokens, active, scores, z in steps:
+            fired = tracker.update(z, index, active) if z is not None else []
+            if on_alert:
+                for alert in fired:
+                    on_alert(alert)
+            yield MonitorStep(index, tokens, active, scores, z, fired)
+
+    def _engine_steps(
+        self,
+        engine: Engine,
+        prompt_rows: list[list[int]],
+        steering: Steering | None,
+        sampling: SamplingConfig,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Every prompt runs in one slot of an engine that admits them all at once, so the
+        rows advance together and each engine step is one step of the batch."""
+        vectors = steering_vectors(self.full_bank, steering) if steering is not None else None
+        positions = steering.positions if steering is not None else "all"
+        everything = list(range(len(self.emotions)))
+        size, width = len(prompt_rows), len(self.emotions)
+        pad = self.lm.tokenizer.pad_token_id or 0
+        with engine:
+            handles = [
+                engine.submit(
+                    Request(
+                        ids,
+                        row_sampling(sampling, row),
+                        chat=False,
+                        steering=vectors,
+                        positions=positions,
+                        emotions=everything,
+                    )
+                )
+                for row, ids in enumerate(prompt_rows)
+            ]
+            row_of = {handle.id: row for row, handle in enumerate(handles)}
+            index = 0
+            while engine.running or engine.waiting:
+                events = engine.step()
+                if not events:
+                    continue
+                rows = torch.tensor([row_of[event.request_id] for event in events])
+                tokens = torch.full((size,), pad, dtype=torch.long)
+                tokens[rows] = torch.tensor([event.token_id for event in events])
+                active = torch.zeros(size, dtype=torch.bool)
+                active[rows] = True
+                scores = torch.zeros(size, width)
+                scores[rows] = torch.stack([event.scores for event in events])  # type: ignore[misc]
+                z = None
+                if self._z is not None:
+                    z = torch.full((size, width), float("nan"))
+                    z[rows] = torch.stack([event.z for event in events])  # type: ignore[misc]
+                yield index, tokens, active, scores, z
+                index += 1
+
+    def _static_steps(
+        self, batch: Batch, steering: Steering | None, sampling: SamplingConfig
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The static decoding loop, for models the engine cannot drive."""
         eos = eos_ids(self.lm.model, self.lm.tokenizer)
         pad = self.lm.tokenizer.pad_token_id or 0
         steerer = Steerer(self.lm, self.full_bank, allow_other_model=True)
         with steerer.apply(steering, batch), self.reader() as reader:
             for step in decode_steps(self.lm.model, batch, sampling, eos, pad):
                 scores, z, _sinks = self._combine(reader, lambda x: x[:, -1])
-                fired = tracker.update(z, step.index, step.active) if z is not None else []
-                if on_alert:
-                    for alert in fired:
-                        on_alert(alert)
                 reader.clear()
-                yield MonitorStep(step.index, step.tokens, step.active, scores, z, fired)
+                yield step.index, step.tokens, step.active, scores, z
 
     def encode(self, prompts: Sequence[str], chat: bool = True) -> Batch:
         if isinstance(prompts, str):

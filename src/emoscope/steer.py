@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from emoscope.batching import Batch
-from emoscope.errors import EmoscopeError
+from emoscope.engine import Request, engine_for, row_sampling
+from emoscope.errors import EmoscopeError, UnsupportedArchitectureError
 from emoscope.generation import SamplingConfig, decode_rows
 from emoscope.hooks import (
     PassTracker,
@@ -173,9 +174,28 @@ class Steerer:
         steering: Steering | None = None,
         sampling: SamplingConfig | None = None,
     ) -> list[list[int]]:
-        """Generated ids of an already-encoded batch, steered (or plain with ``None``)."""
-        with self.apply(steering, batch):
-            return decode_rows(self.lm, batch, sampling or SamplingConfig())
+        """Generated ids of an already-encoded batch, steered (or plain with ``None``).
+
+        Runs on the continuous-batching :class:`~emoscope.engine.Engine`; a model the engine
+        cannot drive falls back to the static decoding loop with the same results.
+        """
+        sampling = sampling or SamplingConfig()
+        prompts = batch.rows()
+        try:
+            engine = engine_for(
+                self.lm, prompts, sampling.max_new_tokens, bank=self.bank, allow_other_model=True
+            )
+        except UnsupportedArchitectureError:
+            with self.apply(steering, batch):
+                return decode_rows(self.lm, batch, sampling)
+        with engine:
+            handles = engine.generate(
+                [
+                    Request(ids, row_sampling(sampling, row), chat=False, steering=steering)
+                    for row, ids in enumerate(prompts)
+                ]
+            )
+        return [handle.tokens for handle in handles]
 
     def generate(
         self,

@@ -7,25 +7,27 @@ few stories per call, parses them, and drops leaked, near-duplicate and malforme
 Resumable by construction: every finished cell is one line appended to ``log.jsonl`` (flushed
 and fsynced per batch), a re-run skips the cells already there, and a torn last line left by a
 kill is ignored. ``stories.jsonl`` (or ``neutral.jsonl``) is rebuilt from the log after every
-batch, in the corpus format that ``emoscope extract --stories`` reads.
+``batch_size`` finished cells, in the corpus format that ``emoscope extract --stories`` reads.
+Cells decode on the continuous-batching engine, each with its own seed.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from emoscope.batching import encode
+from emoscope.batching import from_token_lists, padding_id
 from emoscope.concepts import EMOTIONS, find_forbidden, resolve_emotions
 from emoscope.corpus import quality
 from emoscope.corpus.records import load_topics, parse_dialogue
-from emoscope.errors import EmoscopeError
+from emoscope.engine import Request, engine_for
+from emoscope.errors import EmoscopeError, UnsupportedArchitectureError
 from emoscope.files import append_jsonl, atomic_open, claim_folder, iter_complete_jsonl
 from emoscope.generation import SamplingConfig, decode_rows
 
@@ -203,20 +205,57 @@ def _rebuild(out: Path, plan: GenerationPlan) -> Path:
     return target
 
 
-def _generate_cells(
-    lm: Any, group: Sequence[Cell], plan: GenerationPlan, kept: dict[str, list[str]], seed: int
-) -> list[dict[str, Any]]:
-    """One batched generation call for ``group``; a log entry per cell (kept, dropped, raw)."""
-    chats = [lm.chat([{"role": "user", "content": _prompt(c, plan)}]) for c in group]
-    batch = encode(lm.tokenizer, [c.text for c in chats], lm.device, chats[0].add_special_tokens)
-    sampling = SamplingConfig(plan.max_new_tokens, plan.temperature, 0.95, seed)
+def _entry(
+    lm: Any, cell: Cell, plan: GenerationPlan, ids: list[int], kept: dict[str, list[str]]
+) -> dict[str, Any]:
+    """A cell's log entry from its generated ids: kept items, drop counts and the raw text."""
+    raw = lm.tokenizer.decode(ids, skip_special_tokens=True)
     parse = parse_dialogues if plan.kind == "neutral" else parse_stories
-    entries = []
-    for cell, ids in zip(group, decode_rows(lm, batch, sampling), strict=True):
-        raw = lm.tokenizer.decode(ids, skip_special_tokens=True)
-        items, dropped = parse(cell, raw, kept.setdefault(cell.emotion or "neutral", []))
-        entries.append({"cell": cell.key, "items": items, "dropped": dropped, "raw": raw})
-    return entries
+    items, dropped = parse(cell, raw, kept.setdefault(cell.emotion or "neutral", []))
+    return {"cell": cell.key, "items": items, "dropped": dropped, "raw": raw}
+
+
+def _cell_sampling(plan: GenerationPlan, seed: int) -> SamplingConfig:
+    return SamplingConfig(plan.max_new_tokens, plan.temperature, 0.95, seed)
+
+
+def _generated_cells(
+    lm: Any, cells: Sequence[Cell], plan: GenerationPlan, seeds: Sequence[int]
+) -> Iterator[tuple[Cell, list[int]]]:
+    """Each cell with its generated ids, as soon as it is finished.
+
+    Runs on the continuous-batching engine: ``plan.batch_size`` cells decode at once and a
+    finished cell's slot goes to the next one straight away. Each cell has its own seed (its
+    place in the plan), so what a cell gets does not depend on the batch size or on resuming.
+    """
+    if not cells:
+        return
+    chats = [lm.chat([{"role": "user", "content": _prompt(c, plan)}]) for c in cells]
+    prompts = [
+        list(lm.tokenizer(chat.text, add_special_tokens=chat.add_special_tokens)["input_ids"])
+        for chat in chats
+    ]
+    try:
+        engine = engine_for(lm, prompts, plan.max_new_tokens, max_batch=plan.batch_size)
+    except UnsupportedArchitectureError:
+        for start in range(0, len(cells), plan.batch_size):
+            group = range(start, min(start + plan.batch_size, len(cells)))
+            batch = from_token_lists(
+                [prompts[i] for i in group], padding_id(lm.tokenizer), lm.device
+            )
+            rows = decode_rows(lm, batch, _cell_sampling(plan, seeds[start]))
+            yield from ((cells[i], ids) for i, ids in zip(group, rows, strict=True))
+        return
+    with engine:
+        handles = [
+            engine.submit(Request(ids, _cell_sampling(plan, seed), chat=False))
+            for ids, seed in zip(prompts, seeds, strict=True)
+        ]
+        waiting = dict(enumerate(handles))
+        while waiting:
+            engine.step()
+            for i in [i for i, handle in waiting.items() if handle.done]:
+                yield cells[i], waiting.pop(i).tokens
 
 
 def generate_corpus(
@@ -253,17 +292,26 @@ def generate_corpus(
         disable=not progress,
         dynamic_ncols=True,
     )
+    group: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        _rebuild(out, plan)
+        bar.update(len(group))
+        finished = list(group)
+        group.clear()
+        if on_batch is not None:
+            on_batch(finished)
+
     try:
-        for start in range(0, len(cells), plan.batch_size):
-            group = cells[start : start + plan.batch_size]
-            # Seeded by place in the plan: resumed with the same batch size, a run writes what
-            # an uninterrupted one would have.
-            entries = _generate_cells(lm, group, plan, kept, plan.seed + position[group[0].key])
-            append_jsonl(log, entries)
-            _rebuild(out, plan)
-            bar.update(len(group))
-            if on_batch is not None:
-                on_batch(entries)
+        seeds = [plan.seed + position[c.key] for c in cells]
+        for cell, ids in _generated_cells(lm, cells, plan, seeds):
+            entry = _entry(lm, cell, plan, ids, kept)
+            append_jsonl(log, [entry])  # on disk before anything else happens
+            group.append(entry)
+            if len(group) >= plan.batch_size:
+                flush()
+        if group:
+            flush()
     finally:
         bar.close()
     target = _rebuild(out, plan)
