@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.emoscope-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow lint format bench bench-quick bench-demo bench-peers clean
 
 install: $(STAMP)
 
@@ -34,8 +34,23 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
-bench: $(STAMP)
-	$(BIN)/python bench/generation_overhead.py
+# Every benchmark, side by side with its peers, into bench/results.json (about 25 minutes on a
+# 2-core CPU; bench-quick under 5). The peers' environments are made first, once (bench-peers); a
+# peer that cannot be installed or run reports null with its reason.
+bench: $(STAMP) bench-peers
+	$(BIN)/python bench/run_all.py
+
+bench-quick: $(STAMP) bench-peers
+	$(BIN)/python bench/run_all.py --quick
+
+# The whole demo pipeline's wall time per stage and peak memory (about 25 minutes).
+bench-demo: $(STAMP)
+	$(BIN)/python bench/demo.py --json bench/out/demo-full.json
+
+# One virtual environment per peer library (repeng, steering-vectors, TransformerLens, nnsight)
+# under bench/.peers, for bench/extraction.py and bench/steering.py; never installed into .venv.
+bench-peers:
+	PYTHON=$(PYTHON) bash bench/peers/setup.sh
 
 clean:
 	rm -rf $(VENV) runs

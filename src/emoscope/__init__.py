@@ -21,6 +21,7 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time these load lazily
     from emoscope.concepts import EMOTIONS, emotion_table, human_norms  # noqa: F401
+    from emoscope.engine import Engine, Request  # noqa: F401
     from emoscope.errors import EmoscopeError  # noqa: F401
     from emoscope.export import export_emotions, read_control_vector  # noqa: F401
     from emoscope.generation import SamplingConfig  # noqa: F401
@@ -46,6 +47,8 @@ _EXPORTS = {
     "Steerer": "emoscope.steer",
     "Steering": "emoscope.steer",
     "SamplingConfig": "emoscope.generation",
+    "Engine": "emoscope.engine",
+    "Request": "emoscope.engine",
     "ExtractConfig": "emoscope.pipeline",
     "extract": "emoscope.pipeline",
     "ResidualReader": "emoscope.hooks",
