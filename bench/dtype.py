@@ -36,7 +36,7 @@ NEW_TOKENS = 32
 
 
 def neutral_prompts(count: int) -> list[str]:
-    return [dialogue.turns[0]["content"] for dialogue in load_neutral()[:count]]
+    return [dialogue.turns[0].content for dialogue in load_neutral()[:count]]
 
 
 def decode(lm, bank: EmotionBank, prompts: list[str]) -> tuple[list[list[int]], float]:
