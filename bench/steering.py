@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
 import statistics
 import sys
 import time
@@ -50,13 +49,13 @@ from emoscope.models import load_model
 from emoscope.steer import Steerer, Steering
 from emoscope.vectors import EmotionBank, unit_rows
 from peers.client import (
-    OtherLoad,
     Peer,
     PeerError,
     installed_versions,
-    interleaved,
     model_folder,
+    ready_peers,
     speed_ratio,
+    timed_rounds,
     write_json,
 )
 
@@ -191,31 +190,9 @@ def main() -> None:
             notes[f"steering.vs_{condition}"] = str(exc)
             print(f"  {name}: cannot run: {exc}")
     peers: dict[str, Peer] = {}
-    for condition, (peer, began) in starting.items():
-        try:
-            peer.ready()
-            print(f"  {peer.name}: loaded and warmed up in {time.perf_counter() - began:.1f} s")
-        except PeerError as exc:
-            notes[f"steering.vs_{condition}"] = str(exc)
-            print(f"  {peer.name}: cannot run: {exc}")
-            continue
-        peers[condition] = peer
-        conditions[condition] = peer.run
-
-    other = OtherLoad([os.getpid(), *(peer.process.pid for peer in peers.values())])
-    try:
-        times = interleaved(conditions, rounds)
-    except PeerError as exc:
-        raise SystemExit(f"a peer failed while timing: {exc}") from None
-    other_share = other.share()
-    values["machine.other_cpu_share"] = None if other_share is None else round(other_share, 3)
-    print("seconds per round (rounds rotate the order):")
-    for name, seconds in times.items():
-        print(f"  {name:20s} {' '.join(f'{t:7.2f}' for t in seconds)}")
-    if other_share is not None:
-        print(f"other processes used {other_share:.0%} of the machine's CPU time meanwhile")
-        if other_share > 0.1:
-            print("warning: other work shared the cores, so these times are noisy")
+    peers.update(ready_peers(starting, notes, "steering"))
+    conditions.update({condition: peer.run for condition, peer in peers.items()})
+    times = timed_rounds(conditions, peers, rounds, values)
 
     versions = {
         "emoscope": importlib.metadata.version("emoscope"),

@@ -280,3 +280,41 @@ class OtherLoad:
         if total1 <= total0:
             return None
         return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / (total1 - total0))
+
+
+def ready_peers(
+    starting: dict[str, tuple[Peer, float]], notes: dict[str, str], prefix: str
+) -> dict[str, Peer]:
+    """Wait for each started peer to load and warm up; one that fails gets a note instead."""
+    peers: dict[str, Peer] = {}
+    for condition, (peer, began) in starting.items():
+        try:
+            peer.ready()
+            print(f"  {peer.name}: loaded and warmed up in {time.perf_counter() - began:.1f} s")
+        except PeerError as exc:
+            notes[f"{prefix}.vs_{condition}"] = str(exc)
+            print(f"  {peer.name}: cannot run: {exc}")
+            continue
+        peers[condition] = peer
+    return peers
+
+
+def timed_rounds(
+    conditions: dict[str, Any], peers: dict[str, Peer], rounds: int, values: dict[str, Any]
+) -> dict[str, list[float]]:
+    """Time the conditions interleaved, and report how much other work shared the machine."""
+    other = OtherLoad([os.getpid(), *(peer.process.pid for peer in peers.values())])
+    try:
+        times = interleaved(conditions, rounds)
+    except PeerError as exc:
+        raise SystemExit(f"a peer failed while timing: {exc}") from None
+    share = other.share()
+    values["machine.other_cpu_share"] = None if share is None else round(share, 3)
+    print("seconds per round (rounds rotate the order):")
+    for name, seconds in times.items():
+        print(f"  {name:20s} {' '.join(f'{t:7.2f}' for t in seconds)}")
+    if share is not None:
+        print(f"other processes used {share:.0%} of the machine's CPU time meanwhile")
+        if share > 0.1:
+            print("warning: other work shared the cores, so these times are noisy")
+    return times
