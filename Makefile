@@ -34,8 +34,8 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
-# Every benchmark, side by side with its peers, into bench/results.json (about 25 minutes on a
-# 2-core CPU; bench-quick under 5). The peers' environments are made first, once (bench-peers); a
+# Every benchmark, side by side with its peers, into bench/results.json (43 minutes
+# on 2 shared cores when last measured; bench-quick skips the demo). The peers' environments are made first, once (bench-peers); a
 # peer that cannot be installed or run reports null with its reason.
 bench: $(STAMP) bench-peers
 	$(BIN)/python bench/run_all.py
@@ -43,7 +43,7 @@ bench: $(STAMP) bench-peers
 bench-quick: $(STAMP) bench-peers
 	$(BIN)/python bench/run_all.py --quick
 
-# The whole demo pipeline's wall time per stage and peak memory (about 25 minutes).
+# The whole demo pipeline's wall time per stage and peak memory (52 minutes when last run).
 bench-demo: $(STAMP)
 	$(BIN)/python bench/demo.py --json bench/out/demo-full.json
 

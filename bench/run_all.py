@@ -5,12 +5,12 @@ with ``--json``; their flat objects of dotted keys are merged, and every key the
 is present: a figure, or ``null`` with the reason under ``notes`` (a peer that cannot run here,
 a benchmark that failed).
 
-    python bench/run_all.py            # about 30 minutes on a 2-core CPU
-    python bench/run_all.py --quick    # about 5 minutes (no demo)
+    python bench/run_all.py            # 43 minutes on 2 shared cores when last run
+    python bench/run_all.py --quick    # small workloads, no demo stage
     python bench/run_all.py --only generation,dtype
 
 The demo benchmark runs the demo pipeline on the stories of 12 emotions here (its figures say
-so); the whole demo, about 25 minutes on a 2-core CPU, is ``python bench/demo.py``
+so); the whole demo (52 minutes on 2 shared cores when last run) is ``python bench/demo.py``
 (``make bench-demo``), and its figures go to ``bench/out/demo-full.json``; when that file exists
 its ``demo.*`` figures are reported as ``demo_full.*``.
 """
