@@ -26,9 +26,10 @@ v, o, gate, up and down projections, 3,538,944 per block and 106.2 M in all for 
 Embedding lookups, norms, attention scores (QK^T and AV, which grow with the text length: about
 5 % more at 160 tokens) and the LM head (``text_means`` never runs it) are not counted. The
 fractions divide emoscope's achieved model FLOP/s by the GFLOP/s of one 2048 x 2048 matmul
-measured at the start of the run, in float32 and in bfloat16 (1024 x 1024 with ``--quick``: this
-CPU has no bf16 matrix units, so bfloat16 runs at about 1 GFLOP/s and emoscope uses float32 here;
-the bf16 fraction is above 1 for that reason).
+measured at the start of the run: float32 best of 10, bfloat16 once (1024 x 1024 with ``--quick``,
+as one 2048 x 2048 bfloat16 matmul takes about a minute here). This CPU has no bf16 matrix units,
+so bfloat16 runs at about 0.3 GFLOP/s (about 1 at 1024) and emoscope uses float32; the bf16
+fraction is far above 1 for that reason.
 
     python bench/extraction.py                       # 8 stories, 3 rounds
     python bench/extraction.py --quick               # 4 stories, 1 round
@@ -109,7 +110,7 @@ def main() -> None:
     bf16_size = 1024 if args.quick else 2048
     values["machine.cpu"] = cpu_name()
     values["machine.threads"] = args.threads
-    values["machine.matmul_gflops_fp32"] = round(matmul_gflops(torch.float32, 2048), 2)
+    values["machine.matmul_gflops_fp32"] = round(matmul_gflops(torch.float32, 2048, 10), 2)
     values["machine.matmul_gflops_bf16"] = round(matmul_gflops(torch.bfloat16, bf16_size, 1), 3)
     values["machine.matmul_size_bf16"] = bf16_size
     print(
@@ -192,7 +193,7 @@ def main() -> None:
             print(f"  {name}: cannot run: {exc}")
     peers.update(ready_peers(starting, notes, "extraction"))
     conditions.update({condition: peer.run for condition, peer in peers.items()})
-    times = timed_rounds(conditions, peers, rounds, values)
+    times = timed_rounds(conditions, peers, rounds, values, notes, "extraction")
 
     versions = {
         "emoscope": importlib.metadata.version("emoscope"),
@@ -243,6 +244,7 @@ def main() -> None:
         if condition not in times:
             if condition != "emoscope":
                 values[f"extraction.vs_{condition}"] = None
+                notes.setdefault(f"extraction.vs_{condition}", "not run: left out with --peers")
                 print(f"{condition:20s} {'-':>9s} {'-':>10s} {'-':>11s}  (not run)")
             continue
         rate = tokens / statistics.median(times[condition])

@@ -192,7 +192,7 @@ def main() -> None:
     peers: dict[str, Peer] = {}
     peers.update(ready_peers(starting, notes, "steering"))
     conditions.update({condition: peer.run for condition, peer in peers.items()})
-    times = timed_rounds(conditions, peers, rounds, values)
+    times = timed_rounds(conditions, peers, rounds, values, notes, "steering")
 
     versions = {
         "emoscope": importlib.metadata.version("emoscope"),
@@ -231,6 +231,8 @@ def main() -> None:
         if condition not in times:
             values[f"steering.vs_{condition}"] = None
             values[f"steering.token_agreement_{condition}"] = None
+            reason = notes.setdefault(f"steering.vs_{condition}", "not run: left out with --peers")
+            notes.setdefault(f"steering.token_agreement_{condition}", reason)
             print(f"{condition:18s} {'-':>9s} {'-':>10s} {'-':>10s}  (not run)")
             continue
         rate = generated / statistics.median(times[condition])

@@ -197,7 +197,8 @@ def cpu_name() -> str:
 
 
 def matmul_gflops(dtype: Any, size: int, repeats: int = 3) -> float:
-    """GFLOP/s of one ``size x size`` matmul in ``dtype`` (best of ``repeats``, after a warm-up)."""
+    """GFLOP/s of one ``size x size`` matmul in ``dtype``: the best of ``repeats`` after a warm-up
+    (on a shared VM single timings vary by 2x; the best is the closest to what the cores can do)."""
     import torch
 
     a = torch.randn(size, size).to(dtype)
@@ -211,16 +212,28 @@ def matmul_gflops(dtype: Any, size: int, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def interleaved(conditions: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+def interleaved(
+    conditions: dict[str, Any], rounds: int, failed: dict[str, str] | None = None
+) -> dict[str, list[float]]:
     """Time every condition once per round, rotating the order from round to round.
 
-    ``conditions`` maps a name to a callable returning the seconds its measured work took.
+    ``conditions`` maps a name to a callable returning the seconds its measured work took. A
+    peer that fails (:class:`PeerError`) is dropped from the rest of the run and its reason put
+    in ``failed``; any other error propagates.
     """
     names = list(conditions)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(conditions[name]())
+            if name not in times:
+                continue
+            try:
+                times[name].append(conditions[name]())
+            except PeerError as exc:
+                if failed is None:
+                    raise
+                failed[name] = str(exc)
+                del times[name]
     return times
 
 
@@ -300,14 +313,26 @@ def ready_peers(
 
 
 def timed_rounds(
-    conditions: dict[str, Any], peers: dict[str, Peer], rounds: int, values: dict[str, Any]
+    conditions: dict[str, Any],
+    peers: dict[str, Peer],
+    rounds: int,
+    values: dict[str, Any],
+    notes: dict[str, str] | None = None,
+    prefix: str = "",
 ) -> dict[str, list[float]]:
-    """Time the conditions interleaved, and report how much other work shared the machine."""
+    """Time the conditions interleaved, and report how much other work shared the machine.
+
+    A peer that fails while being timed is removed from ``peers`` (and gets no times), with the
+    reason in ``notes[f"{prefix}.vs_{condition}"]``; the other conditions carry on.
+    """
     other = OtherLoad([os.getpid(), *(peer.process.pid for peer in peers.values())])
-    try:
-        times = interleaved(conditions, rounds)
-    except PeerError as exc:
-        raise SystemExit(f"a peer failed while timing: {exc}") from None
+    failed: dict[str, str] = {}
+    times = interleaved(conditions, rounds, failed)
+    for condition, reason in failed.items():
+        print(f"  {condition}: failed while timing: {reason}")
+        peers.pop(condition, None)
+        if notes is not None:
+            notes[f"{prefix}.vs_{condition}"] = f"failed while timing: {reason}"
     share = other.share()
     values["machine.other_cpu_share"] = None if share is None else round(share, 3)
     print("seconds per round (rounds rotate the order):")
