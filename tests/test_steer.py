@@ -82,3 +82,13 @@ def test_bad_steering_requests_are_refused(tiny_lm):
         steering_vectors(bank, Steering({"happy": 0.1}, layers=[3]))
     with pytest.raises(EmoscopeError, match="span"):
         Steering({"happy": 0.1}, positions=(5, 2))
+
+
+def test_ready_made_vectors_alone_add_nothing_at_the_emotion_layers(tiny_lm):
+    from emoscope.steer import steering_vectors
+
+    lm = tiny_lm("llama")
+    bank = synthetic_bank(lm)
+    vector = torch.ones(lm.hidden_size)
+    out = steering_vectors(bank, Steering({}, layers=[1, 2], extra={0: vector}))
+    assert list(out) == [0] and torch.equal(out[0], vector)

@@ -51,8 +51,9 @@ if TYPE_CHECKING:
 
 _UNBOUNDED = 2**62
 DEFAULT_MAX_BATCH = 64
-"""Slots of an engine built for a known set of prompts: on a 2-core CPU, throughput of
-SmolLM2-135M still grows from 16 to 64 rows and flattens after that."""
+"""Slots of an engine built for a known set of prompts. On a 2-core CPU SmolLM2-135M decodes
+91 tokens/s at 16 rows, 180 at 64 and 239 at 128 (``bench/generation.py``); 64 keeps the
+cache of long replies within a few hundred MB while taking most of that gain."""
 _POSITIONS = ("all", "prompt", "response")
 
 

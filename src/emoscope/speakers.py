@@ -23,7 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from emoscope.batching import from_token_lists, padding_id
-from emoscope.corpus.dialogues import DeflectionDialogue, Rendered, SpeakerDialogue
+from emoscope.corpus.dialogues import (
+    DeflectionDialogue,
+    Rendered,
+    SpeakerDialogue,
+    speaker_token_mask,
+)
 from emoscope.errors import EmoscopeError
 from emoscope.hooks import ResidualReader
 from emoscope.vectors import LayerVectors, Recipe, build_layer
@@ -49,8 +54,6 @@ def speaker_means(
 ) -> torch.Tensor:
     """``[dialogues, 2, layers, hidden]``: the mean residual of speaker A's and of speaker B's
     tokens in each rendered dialogue, at every requested layer (float32)."""
-    from emoscope.corpus.dialogues import speaker_token_mask
-
     layers = list(range(lm.n_layers)) if layers is None else lm.check_layers(layers)
     ids, weights = [], []
     for item in rendered:

@@ -95,7 +95,9 @@ def steering_layers(bank: EmotionBank, steering: Steering) -> list[int]:
 
 def steering_vectors(bank: EmotionBank, steering: Steering) -> dict[int, torch.Tensor]:
     """``{layer: vector}``: the sum over emotions of strength x residual norm x unit vector."""
-    layers = [bank.check_layer(layer) for layer in steering_layers(bank, steering)]
+    # Only ready-made vectors: nothing to add at the emotion layers (not even zeros).
+    chosen = steering_layers(bank, steering) if steering.emotions else []
+    layers = [bank.check_layer(layer) for layer in chosen]
     out: dict[int, torch.Tensor] = {}
     for layer in layers:
         total = torch.zeros(bank.hidden_size)
