@@ -20,6 +20,15 @@ On disk a bank is a folder:
   readout over neutral-text tokens) and ``prompt_score_mean.{i}`` / ``prompt_score_std.{i}``
   (the same at the start of the assistant turn of neutral prompts);
 - ``manifest.json``: model, layers, default layer, every recipe choice, corpus hash, version.
+
+A bank may also hold *families* of vectors built from other corpora (speaker and deflection
+vectors, :mod:`emoscope.speakers`). Family ``f`` stores ``{f}.layer.{i}`` ``[its emotions,
+hidden]`` in ``vectors.safetensors`` and its own statistics as ``{f}.{name}.{i}`` in
+``stats.safetensors``; ``manifest.json`` lists it under ``families: {f: {emotions, source,
+default_layer}}``. The story vectors keep their plain names, so readers that know nothing of
+families still work. :meth:`EmotionBank.family` gives a family as a bank of its own, which
+:class:`~emoscope.monitor.Monitor`, :class:`~emoscope.steer.Steerer`, the exports and the report
+accept like any other.
 """
 
 from __future__ import annotations
@@ -41,8 +50,20 @@ from emoscope.files import atomic_save_tensors, atomic_write_json
 BANK_FORMAT = "emoscope-bank/1"
 READOUT_MODES = ("projection", "cosine", "centred")
 PER_EMOTION_STATS = frozenset(
-    {"raw", "neutral_score_mean", "neutral_score_std", "prompt_score_mean", "prompt_score_std"}
+    {
+        "raw",
+        "neutral_score_mean",
+        "neutral_score_std",
+        "prompt_score_mean",
+        "prompt_score_std",
+        "user_score_mean",
+        "user_score_std",
+    }
 )
+FAMILY_STATS = PER_EMOTION_STATS | {"mean"}
+"""The statistics a family has of its own; the others (neutral mean, residual norm) are shared."""
+STORY_FAMILY = "story"
+"""The name of a bank's own (story) vectors wherever a family is asked for."""
 NEUTRAL_PCA_MODES = ("tokens", "texts")
 
 
@@ -264,6 +285,78 @@ class EmotionBank:
     vectors: dict[int, torch.Tensor]
     stats: dict[str, torch.Tensor]
     manifest: dict[str, Any] = field(default_factory=dict)
+    family_vectors: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    """``{family: {layer: [emotions, hidden]}}`` (see :meth:`family`)."""
+
+    @property
+    def families(self) -> list[str]:
+        """The vector families this bank holds besides its story vectors."""
+        return list(self.family_vectors)
+
+    def family(self, name: str | None) -> EmotionBank:
+        """One family as a bank of its own: its emotions, vectors, centring point, calibration
+        and default layer; ``story`` (or ``None``) is the bank itself.
+
+        Example:
+            >>> present = bank.family("present")        # the present-speaker vectors
+            >>> es.Monitor(lm, present).score(chat_text)
+        """
+        if name in (STORY_FAMILY, None):
+            return self
+        if name not in self.family_vectors:
+            held = ", ".join([STORY_FAMILY, *self.family_vectors])
+            hint = (
+                ""
+                if self.family_vectors
+                else " (it was built before speaker families existed: re-run `emoscope extract`)"
+            )
+            raise EmoscopeError(f"This bank has no '{name}' vector family{hint}; it holds: {held}.")
+        info = self.manifest.get("families", {}).get(name, {})
+        prefix = f"{name}."
+        stats = {key: value for key, value in self.stats.items() if _is_shared_stat(key)}
+        stats.update(
+            {
+                key[len(prefix) :]: value
+                for key, value in self.stats.items()
+                if key.startswith(prefix)
+            }
+        )
+        manifest = {k: v for k, v in self.manifest.items() if k != "families"}
+        manifest.update(
+            emotions=list(info["emotions"]),
+            default_layer=info.get("default_layer"),
+            vector_family=name,
+            vector_family_source=info.get("source"),
+        )
+        return EmotionBank(
+            list(info["emotions"]), list(self.layers), self.family_vectors[name], stats, manifest
+        )
+
+    def add_family(
+        self,
+        name: str,
+        emotions: Sequence[str],
+        layer_vectors: Mapping[int, LayerVectors],
+        statistics: Mapping[str, torch.Tensor],
+        info: Mapping[str, Any],
+    ) -> None:
+        """Store a family built at every layer of the bank; ``statistics`` are keyed
+        ``{stat}.{layer}`` (the family's own, :data:`FAMILY_STATS`) and ``info`` goes into the
+        manifest beside its emotions (``source``, ``default_layer``, ...)."""
+        if name == STORY_FAMILY or not name.isidentifier():
+            raise EmoscopeError(f"'{name}' cannot name a vector family.")
+        if sorted(layer_vectors) != self.layers:
+            raise EmoscopeError(f"Family '{name}' must have vectors at every layer of the bank.")
+        self.family_vectors[name] = {layer: lv.vectors for layer, lv in layer_vectors.items()}
+        for layer, lv in layer_vectors.items():
+            self.stats[f"{name}.raw.{layer}"] = lv.raw
+            self.stats[f"{name}.mean.{layer}"] = lv.mean
+        for key, value in statistics.items():
+            if key.rsplit(".", 1)[0] in FAMILY_STATS:
+                self.stats[f"{name}.{key}"] = value
+        families = dict(self.manifest.get("families") or {})
+        families[name] = {"emotions": list(emotions), **info}
+        self.manifest["families"] = families
 
     @property
     def default_layer(self) -> int:
@@ -322,7 +415,8 @@ class EmotionBank:
     def subset(
         self, emotions: Sequence[str] | None = None, layers: Sequence[int] | None = None
     ) -> EmotionBank:
-        """A bank restricted to some emotions and/or layers (statistics follow)."""
+        """A bank restricted to some emotions and/or layers (statistics follow; families, which
+        have emotions of their own, are left out: take :meth:`family` first to subset one)."""
         names = resolve_emotions(emotions) if emotions is not None else list(self.emotions)
         rows = torch.tensor([self.index(n) for n in names])
         keep = [
@@ -332,9 +426,10 @@ class EmotionBank:
         stats = {}
         for key, value in self.stats.items():
             name, layer = key.rsplit(".", 1)
-            if int(layer) in keep:
+            if int(layer) in keep and "." not in name:
                 stats[key] = value[rows] if name in PER_EMOTION_STATS else value
         manifest = dict(self.manifest, emotions=names, layers=keep)
+        manifest.pop("families", None)
         if manifest.get("default_layer") not in keep:
             manifest["default_layer"] = two_thirds_layer(keep, self._depth)
         return EmotionBank(names, keep, vectors, stats, manifest)
@@ -386,10 +481,10 @@ class EmotionBank:
     def save(self, folder: Path | str) -> Path:
         """Write the bank's three files; each appears complete or not at all."""
         folder = Path(folder)
-        atomic_save_tensors(
-            {f"layer.{layer}": self.vectors[layer].float() for layer in self.layers},
-            folder / "vectors.safetensors",
-        )
+        tensors = {f"layer.{layer}": self.vectors[layer].float() for layer in self.layers}
+        for name, by_layer in self.family_vectors.items():
+            tensors.update({f"{name}.layer.{layer}": v.float() for layer, v in by_layer.items()})
+        atomic_save_tensors(tensors, folder / "vectors.safetensors")
         atomic_save_tensors(
             {k: v.float() if v.is_floating_point() else v for k, v in self.stats.items()},
             folder / "stats.safetensors",
@@ -451,10 +546,50 @@ class EmotionBank:
                     f"layer.{layer} has shape {tuple(v.shape)}; the manifest says "
                     f"({len(emotions)}, {hidden_size})."
                 )
-        bank = cls(emotions, layers, vectors, stats, manifest)
+        families = _load_families(manifest, tensors, layers, hidden_size, folder)
+        bank = cls(emotions, layers, vectors, stats, manifest, families)
         if model is not None:
             bank.check_model(model, allow_other_model)
         return bank
+
+
+def _load_families(
+    manifest: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    layers: Sequence[int],
+    hidden_size: int,
+    folder: Path,
+) -> dict[str, dict[int, torch.Tensor]]:
+    """The families the manifest lists, each checked against its tensors."""
+    listed = manifest.get("families") or {}
+    if not isinstance(listed, dict):
+        raise EmoscopeError(f"{folder / 'manifest.json'}: 'families' must be an object.")
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for name, info in listed.items():
+        emotions = info.get("emotions") if isinstance(info, dict) else None
+        if not isinstance(emotions, list) or not emotions:
+            raise EmoscopeError(
+                f"{folder / 'manifest.json'}: family '{name}' lists no emotions; the bank is "
+                "damaged. Re-run `emoscope extract`."
+            )
+        by_layer = {}
+        for layer in layers:
+            v = tensors.get(f"{name}.layer.{layer}")
+            if v is None or tuple(v.shape) != (len(emotions), hidden_size):
+                found = "missing" if v is None else f"shape {tuple(v.shape)}"
+                raise EmoscopeError(
+                    f"{folder / 'vectors.safetensors'}: {name}.layer.{layer} is {found}; the "
+                    f"manifest says ({len(emotions)}, {hidden_size}). Re-run `emoscope extract`."
+                )
+            by_layer[layer] = v
+        out[str(name)] = by_layer
+    return out
+
+
+def _is_shared_stat(key: str) -> bool:
+    """A story statistic that every family shares (``neutral_mean.{i}``, ``residual_norm.{i}``)."""
+    name = key.rsplit(".", 1)[0]
+    return "." not in name and name not in FAMILY_STATS
 
 
 def _manifest_shape(manifest: Mapping[str, Any], path: Path) -> tuple[list[str], list[int], int]:
