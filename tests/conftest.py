@@ -154,7 +154,7 @@ def synthetic_bank(
 import json  # noqa: E402
 
 from emoscope.concepts import CORE_EMOTIONS  # noqa: E402
-from emoscope.corpus.records import load_neutral, load_stories, record  # noqa: E402
+from emoscope.corpus.records import data_dir, load_neutral, load_stories, record  # noqa: E402
 from emoscope.pipeline import ExtractConfig, extract  # noqa: E402
 
 SLICE_EMOTIONS = [*CORE_EMOTIONS, "bored", "serene", "furious", "hopeful"]
@@ -177,8 +177,40 @@ def corpus_slice(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def small_run(corpus_slice, tmp_path_factory):
+def dialogue_slice(tmp_path_factory) -> Path:
+    """Speaker dialogues whose two emotions are both in the slice, and a sixth of the
+    deflection dialogues: enough to build every family, small enough for the default suite."""
+    root = tmp_path_factory.mktemp("dialogues")
+    speakers = [
+        json.loads(line)
+        for path in sorted((data_dir() / "dialogues").glob("speakers-*.jsonl"))
+        for line in path.read_text("utf-8").splitlines()
+        if line.strip()
+    ]
+    write_jsonl(
+        root / "speakers-1.jsonl",
+        [d for d in speakers if set(d["emotions"].values()) <= set(SLICE_EMOTIONS)],
+    )
+    deflections = [
+        json.loads(line)
+        for path in sorted((data_dir() / "dialogues").glob("deflection-*.jsonl"))
+        for line in path.read_text("utf-8").splitlines()
+        if line.strip()
+    ]
+    write_jsonl(root / "deflection-1.jsonl", deflections[::6])
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_run(corpus_slice, dialogue_slice, tmp_path_factory):
     stories, neutral = corpus_slice
     out = tmp_path_factory.mktemp("run") / "bank"
-    config = ExtractConfig(out=out, layers=LAYERS, stories=stories, neutral=neutral, progress=False)
+    config = ExtractConfig(
+        out=out,
+        layers=LAYERS,
+        stories=stories,
+        neutral=neutral,
+        dialogues=dialogue_slice,
+        progress=False,
+    )
     return extract(config, echo=lambda m: None), config

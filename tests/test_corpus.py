@@ -166,3 +166,18 @@ def test_corpus_card_is_current():
     assert card == build_card(), (
         "docs/corpus.md is stale: run `emoscope corpus card --out docs/corpus.md`"
     )
+
+
+def test_training_implicit_prompts_name_no_emotion_and_repeat_no_test_prompt():
+    from emoscope.concepts import find_forbidden
+    from emoscope.corpus.records import load_eval_prompts, load_implicit_train
+
+    train = load_implicit_train()
+    test = load_eval_prompts()
+    targets = test["implicit_targets"]
+    assert sorted({p["emotion"] for p in train}) == sorted(targets)
+    assert all(sum(p["emotion"] == t for p in train) >= 6 for t in targets)
+    leaks = [(p["id"], e) for p in train for e in targets if find_forbidden(e, p["text"])]
+    assert not leaks
+    test_texts = {p["text"] for p in test["implicit"]}
+    assert not test_texts & {p["text"] for p in train}

@@ -72,10 +72,14 @@ def test_bank_files_and_manifest(small_run):
     from safetensors.torch import load_file
 
     tensors = load_file(str(out / "vectors.safetensors"))
-    assert set(tensors) == {f"layer.{i}" for i in LAYERS}
-    for v in tensors.values():
-        assert v.shape == (len(EMOTIONS), 576) and v.dtype == torch.float32
-        torch.testing.assert_close(v.norm(dim=1), torch.ones(len(EMOTIONS)))
+    families = manifest["families"]
+    assert set(tensors) == {f"layer.{i}" for i in LAYERS} | {
+        f"{name}.layer.{i}" for name in families for i in LAYERS
+    }
+    for key, v in tensors.items():
+        rows = len(families[key.split(".")[0]]["emotions"]) if key.count(".") == 2 else None
+        assert v.shape == (rows or len(EMOTIONS), 576) and v.dtype == torch.float32
+        torch.testing.assert_close(v.norm(dim=1), torch.ones(v.shape[0]))
 
 
 def test_vectors_identify_held_out_stories(small_run):
@@ -95,7 +99,15 @@ def test_vectors_identify_held_out_stories(small_run):
 
 def test_rerun_resumes_and_other_runs_are_refused(small_run, corpus_slice):
     result, config = small_run
-    cached = ["stories.safetensors", "neutral.safetensors", "prompts.safetensors"]
+    cached = [
+        "stories.safetensors",
+        "neutral.safetensors",
+        "prompts.safetensors",
+        "chat_sites.safetensors",
+        "dialogues-chat.safetensors",
+        "dialogues-person.safetensors",
+        "dialogues-deflection.safetensors",
+    ]
     stamps = {n: (result.out / "activations" / n).stat().st_mtime_ns for n in cached}
     again = extract(config, echo=lambda m: None)
     assert {n: (result.out / "activations" / n).stat().st_mtime_ns for n in cached} == stamps

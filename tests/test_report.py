@@ -61,8 +61,13 @@ def test_extraction_report_shows_the_run_numbers(run_report, tmp_path):
         assert f"<h2>{section}</h2>" in page, section
     assert "<h2>Emotion space" in page and "<svg" in page
     assert ("<h2>Per-emotion test results</h2>" in page) == bool(report.get("per_emotion_test"))
-    # layer sweep, 3 norm scatters, cosine, implicit, intensity, RSA
-    assert figures(page) == 8
+    # layer sweep, 3 norm scatters, cosine, implicit, intensity, RSA, and the families' grid
+    assert figures(page) == 9
+    assert "Who feels what" in page and "Chat readouts: which vectors, where" in page
+    chat = report["families"]["chat_readouts"]["choice"]
+    assert f"layer {chat['layer']}</b>" in page
+    for name in report["families"]["summary"]:
+        assert f"<tr><td>{name}</td><td>" in page
 
 
 def test_summary_rows_mark_each_target(run_report):
@@ -86,7 +91,7 @@ def test_extraction_report_escapes_corpus_model_and_user_text(run_report, tmp_pa
     page = write_report(report, bank, tmp_path).read_text(encoding="utf-8")
     assert_only_escaped(page, ["model", "prompt", "token", "template", "recipe"])
     assert "&lt;script&gt;al" in page  # the 16-character hash prefix, escaped too
-    assert figures(page) == 8  # the figures themselves are still real images
+    assert figures(page) == 9  # the figures themselves are still real images
 
 
 def test_extraction_report_escapes_emotion_names(run_report, tmp_path):

@@ -31,3 +31,36 @@ def test_happy_steering_raises_sentiment(small_run, smollm):
     down = mean(steerer.generate(prompts, steering=Steering({"happy": -0.3}), sampling=sampling))
     up = mean(steerer.generate(prompts, steering=Steering({"happy": 0.3}), sampling=sampling))
     assert up > down + 0.3, (down, up)
+
+
+def test_lexicon_rates_count_replies_with_any_phrase():
+    from emoscope.analysis.speaker_steering import DENIAL, REASSURANCE, rate
+
+    replies = ["I'm fine, really.", "Don't worry, you're safe here.", "The bus leaves at six."]
+    assert rate(replies, DENIAL) == 1 / 3
+    assert rate(replies, REASSURANCE) == 1 / 3
+    assert rate([], DENIAL) == 0.0
+
+
+def test_speaker_steering_changes_replies_in_every_family(small_run, smollm):
+    from emoscope.analysis.speaker_steering import SAMPLING, speaker_steering
+    from emoscope.generation import SamplingConfig
+    from emoscope.vectors import EmotionBank
+
+    bank = EmotionBank.load(small_run[0].out, model=smollm)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, seed=SAMPLING.seed)
+    result = speaker_steering(smollm, bank, strengths=(0.3,), samples=1, sampling=sampling)
+    greet, deny = result["greeting"], result["deflection"]
+    assert result["summary"]["other_family"] == "other_assistant"
+    base = greet["baseline"]["samples"]
+    for key in ("story:afraid:0.3", "other_assistant:afraid:0.3", "present_assistant:angry:0.3"):
+        assert greet[key]["samples"] != base and 0 <= greet[key]["reassurance"] <= 1
+    steered = [k for k in deny if k.startswith("felt:")]
+    assert steered and all(deny[k]["samples"] != deny["baseline"]["samples"] for k in steered)
+    felt = bank.family("felt").emotions
+    assert set(result["summary"]["denial"]) == {
+        f"{f}:{e}"
+        for f in ("story", "felt")
+        for e in ("sad", "angry", "afraid")
+        if f == "story" or e in felt
+    }

@@ -4,11 +4,15 @@ Stages (each timed; the three that run the model are cached in ``activations/``)
 
 1. per-story mean activations at every layer (checkpointed batch by batch);
 2. neutral-dialogue moments (for the PCA projection, z-scores and steering norms);
-3. readouts at the start of the assistant turn for neutral, implicit and intensity prompts;
-4. vectors at every layer from the training split, layer sweep, default layer
-   (:mod:`emoscope.analysis.layers`);
-5. validation and geometry (:mod:`emoscope.analysis.validation`); the bank, ``report.json``
-   and ``report.html``.
+3. readouts at the start of the assistant turn for neutral, implicit and intensity prompts, and
+   averaged over the user's message (the two chat sites);
+4. per-speaker means of the speaker dialogues (chat and ``Person 1/2`` framings) and of the
+   deflection dialogues;
+5. vectors at every layer from the training split, layer sweep, default layer
+   (:mod:`emoscope.analysis.layers`); the speaker and deflection families
+   (:mod:`emoscope.speakers`) and the chat readout chosen on training prompts;
+6. validation and geometry (:mod:`emoscope.analysis.validation`,
+   :mod:`emoscope.analysis.families`); the bank, ``report.json`` and ``report.html``.
 
 A run folder records what it holds in ``run.json``; a re-run with the same model, corpus and
 recipe resumes, and a different one is refused rather than mixed in. Only the activations are
@@ -27,6 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+from safetensors.torch import load_file
+
 from emoscope import __version__
 from emoscope.activations import (
     NeutralMoments,
@@ -39,22 +46,45 @@ from emoscope.activations import (
     save_text_means,
     text_means,
 )
+from emoscope.analysis import families as family_analysis
+from emoscope.analysis.calibration import user_site_statistics
 from emoscope.analysis.layers import LabelledStories, VectorSweep, sweep_layers
-from emoscope.analysis.prompts import PromptReadouts, prompt_readouts
+from emoscope.analysis.prompts import (
+    ChatSites,
+    PromptReadouts,
+    chat_site_readouts,
+    prompt_readouts,
+)
 from emoscope.analysis.validation import Analysis, analyse
 from emoscope.concepts import EMOTIONS
+from emoscope.corpus.dialogues import (
+    DeflectionDialogue,
+    SpeakerDialogue,
+    load_deflection_dialogues,
+    load_speaker_dialogues,
+    render,
+)
 from emoscope.corpus.records import (
     Dialogue,
     Story,
     corpus_sha256,
     load_eval_prompts,
+    load_implicit_train,
     load_neutral,
     load_stories,
 )
 from emoscope.errors import EmoscopeError
-from emoscope.files import atomic_write_json, claim_folder
+from emoscope.files import atomic_save_tensors, atomic_write_json, claim_folder
 from emoscope.models import DEFAULT_MODEL, LoadedModel, load_model, preferred_dtype
-from emoscope.vectors import EmotionBank, Recipe, bank_from_parts, two_thirds_layer
+from emoscope.speakers import FamilyBuild, FamilyInputs, build_families, speaker_means
+from emoscope.vectors import (
+    EmotionBank,
+    Recipe,
+    bank_from_parts,
+    covariance_of,
+    neutral_basis,
+    two_thirds_layer,
+)
 
 T = TypeVar("T")
 
@@ -72,6 +102,10 @@ class ExtractConfig:
     stories: Path | None = None
     neutral: Path | None = None
     eval_prompts: Path | None = None
+    dialogues: Path | None = None
+    """Folder of speaker and deflection dialogues (default: the shipped ones)."""
+    families: bool = True
+    """Also build the speaker and deflection families."""
     max_batch_tokens: int = 4096
     cv_folds: int = 5
     progress: bool = True
@@ -119,6 +153,10 @@ class Corpus:
     """The emotions that have stories, in catalogue order: the bank's rows."""
     sha256: str
     prompts_sha256: str
+    speakers: list[SpeakerDialogue] = field(default_factory=list)
+    deflections: list[DeflectionDialogue] = field(default_factory=list)
+    implicit_train: list[dict[str, Any]] = field(default_factory=list)
+    dialogues_sha256: str | None = None
 
 
 def _echo_stderr(message: str) -> None:
@@ -148,6 +186,15 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
         neutral = _neutral_activations(lm, corpus, layers, config, cache)
     with timer.stage("assistant-turn readouts"):
         readouts = _prompt_readouts(lm, corpus, layers, cache)
+    sites = dialogue_means = None
+    if config.families:
+        with timer.stage("user-turn readouts"):
+            sites = _chat_sites(lm, corpus, readouts, cache, config.progress)
+        with timer.stage(
+            f"speaker activations ({len(corpus.speakers)} dialogues x 2 framings, "
+            f"{len(corpus.deflections)} deflection dialogues)"
+        ):
+            dialogue_means = _dialogue_activations(lm, corpus, layers, cache, config.progress)
     with timer.stage("vectors and layer sweep"):
         sweep = sweep_layers(stories, neutral, readouts.neutral, config.recipe, config.cv_folds)
     with timer.stage("validation and geometry"):
@@ -156,8 +203,16 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
             corpus.emotions, sweep.layers, sweep.statistics, manifest, sweep.recipe
         )
         analysis = analyse(lm, bank, stories, readouts, corpus.prompts, sweep.default_layer)
-        bank.save(out)
+    families_section: dict[str, Any] = {}
+    if sites is not None and dialogue_means is not None:
+        with timer.stage("speaker and deflection families"):
+            families_section = _families(
+                bank, corpus, neutral, sweep, readouts, sites, dialogue_means, config
+            )
+    bank.save(out)
     report = _report(lm, corpus, stories, sweep, analysis, bank)
+    if families_section:
+        report["families"] = families_section
     report["timings"] = timer.as_dict()
     from emoscope.report import write_report
 
@@ -204,14 +259,32 @@ def load_corpus(config: ExtractConfig) -> Corpus:
     emotions = [e for e in EMOTIONS if any(s.emotion == e for s in stories)]
     if not emotions:
         raise EmoscopeError("The story corpus is empty.")
-    return Corpus(
+    corpus = Corpus(
         stories,
         dialogues,
         prompts,
         emotions,
         corpus_sha256(stories, dialogues),
-        hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
+        _sha256(prompts),
     )
+    if config.families:
+        corpus.speakers = load_speaker_dialogues(config.dialogues)
+        corpus.deflections = load_deflection_dialogues(config.dialogues)
+        if not corpus.speakers or not corpus.deflections:
+            where = config.dialogues or "the shipped corpus"
+            raise EmoscopeError(
+                f"No speaker or no deflection dialogues in {where}; the families need both "
+                "(or run with families=False / --no-families)."
+            )
+        corpus.implicit_train = load_implicit_train()
+        corpus.dialogues_sha256 = _sha256(
+            [repr(d) for d in [*corpus.speakers, *corpus.deflections]] + [corpus.implicit_train]
+        )
+    return corpus
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _layers(config: ExtractConfig, lm: LoadedModel) -> list[int]:
@@ -236,6 +309,7 @@ def _run_identity(
         "eval_prompts_sha256": corpus.prompts_sha256,
         "token_offset": config.recipe.token_offset,
         "neutral_skip_first": config.recipe.neutral_skip_first,
+        "dialogues_sha256": corpus.dialogues_sha256,
     }
 
 
@@ -301,6 +375,126 @@ def _prompt_readouts(
         PromptReadouts.save,
         lambda path: PromptReadouts.load(path, layers),
     )
+
+
+def _chat_sites(
+    lm: LoadedModel, corpus: Corpus, readouts: PromptReadouts, cache: Path, progress: bool
+) -> ChatSites:
+    """Implicit prompts of both splits at both chat sites, and the neutral prompts' user turns."""
+    return cached_stage(
+        cache / "chat_sites.safetensors",
+        lambda: chat_site_readouts(
+            lm,
+            readouts,
+            _first_user_messages(corpus.dialogues),
+            [p["text"] for p in corpus.prompts["implicit"]],
+            [p["text"] for p in corpus.implicit_train],
+            progress,
+        ),
+        ChatSites.save,
+        lambda path: ChatSites.load(path, readouts),
+    )
+
+
+DIALOGUE_SOURCES = ("chat", "person", "deflection")
+
+
+def _dialogue_activations(
+    lm: LoadedModel, corpus: Corpus, layers: list[int], cache: Path, progress: bool
+) -> dict[str, torch.Tensor]:
+    """Per-speaker means ``[dialogues, 2, layers, hidden]`` of the speaker dialogues in both
+    framings and of the deflection dialogues (``Person 1/2`` framing, narration first); each is
+    cached on its own, so an interrupted run keeps what it finished."""
+    out = {}
+    for source in DIALOGUE_SOURCES:
+        if source == "deflection":
+            rendered = [render(lm, d.turns, "person", d.context) for d in corpus.deflections]
+        else:
+            rendered = [render(lm, d.turns, source) for d in corpus.speakers]
+        out[source] = cached_stage(
+            cache / f"dialogues-{source}.safetensors",
+            lambda rendered=rendered, source=source: speaker_means(
+                lm, rendered, layers, progress=progress, desc=f"{source} dialogues"
+            ),
+            lambda tensor, path: atomic_save_tensors({"means": tensor}, path),
+            lambda path: load_file(str(path))["means"],
+        )
+    return out
+
+
+def _families(
+    bank: EmotionBank,
+    corpus: Corpus,
+    neutral: NeutralMoments,
+    sweep: VectorSweep,
+    readouts: PromptReadouts,
+    sites: ChatSites,
+    means: dict[str, torch.Tensor],
+    config: ExtractConfig,
+) -> dict[str, Any]:
+    """Build every family into ``bank``, choose its chat readout, and return the report section."""
+    layers = readouts.layers
+    recipe = sweep.recipe
+    bases = {
+        layer: neutral_basis(
+            neutral.cov[i]
+            if recipe.neutral_pca == "tokens"
+            else covariance_of(neutral.text_means[:, i]),
+            recipe,
+        )
+        for i, layer in enumerate(layers)
+    }
+    for i, layer in enumerate(layers):
+        story = sweep.layers[layer]
+        for key, value in user_site_statistics(story, sites.neutral_user[:, i]).items():
+            bank.stats[f"{key}.{layer}"] = value
+    builds: dict[str, FamilyBuild] = build_families(
+        FamilyInputs(
+            layers,
+            corpus.speakers,
+            means["chat"],
+            corpus.deflections,
+            means["deflection"],
+            bases,
+            neutral,
+            readouts.neutral,
+            sites.neutral_user,
+        ),
+        config.cv_folds,
+    )
+    for name, build in builds.items():
+        bank.add_family(name, build.emotions, build.layers, build.statistics, build.info)
+    prompts = corpus.prompts
+    targets = list(prompts["implicit_targets"])
+    chat = family_analysis.chat_readouts(
+        bank,
+        sites,
+        targets,
+        [p["emotion"] for p in prompts["implicit"]],
+        [p["emotion"] for p in corpus.implicit_train],
+    )
+    if chat:
+        choice = chat["choice"]
+        bank.manifest["chat_readout"] = {
+            "family": choice["family"],
+            "site": choice["site"],
+            "layer": choice["layer"],
+            "rule": "best training-split implicit-prompt accuracy (then mean reciprocal rank)",
+        }
+    present_layer = bank.family("present").default_layer
+    return {
+        "summary": family_analysis.family_summary(builds),
+        "chat_readouts": chat,
+        "grid": family_analysis.grid_report(bank, present_layer),
+        "rsa": family_analysis.rsa_report(bank),
+        "deflection": family_analysis.deflection_report(
+            bank, means["deflection"], corpus.deflections
+        ),
+        "framing": family_analysis.framing_report(
+            bank, means["person"], means["chat"], corpus.speakers, bases
+        ),
+        "decodability": family_analysis.decodability_report(bank),
+    }
 
 
 def _neutral_texts(lm: LoadedModel, dialogues: Sequence[Dialogue]) -> tuple[list[str], bool]:

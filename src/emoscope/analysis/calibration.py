@@ -34,3 +34,12 @@ def readout_statistics(
         "prompt_score_mean": prompt_scores.mean(dim=0),
         "prompt_score_std": prompt_scores.std(dim=0),
     }
+
+
+def user_site_statistics(
+    layer: LayerVectors, neutral_user: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each emotion's readout averaged over the user's tokens of neutral prompts (``[prompts,
+    hidden]``): the calibration of the user-turn chat readout."""
+    scores = centred_scores(neutral_user, layer.vectors, layer.mean)
+    return {"user_score_mean": scores.mean(dim=0), "user_score_std": scores.std(dim=0)}

@@ -110,3 +110,53 @@ def nearest_neighbours(
         order = np.argsort(-similarity[i])
         out[e] = [emotions[j] for j in order if j != i][:k]
     return out
+
+
+def decodability(
+    vectors: torch.Tensor,
+    emotions: Sequence[str],
+    k: int = 20,
+    folds: int = 10,
+    alpha: float = 1.0,
+    n_single: int = 10,
+) -> dict[str, Any]:
+    """How well human valence and arousal can be read off the top-``k`` principal components.
+
+    A ridge regression on the standardised PC scores, cross-validated over the rated emotions
+    (``folds`` interleaved folds), gives Pearson r of held-out predictions; beside it, the best
+    single PC among the first ``n_single`` (|r|), as the report has always shown. Arousal can be
+    spread over several components without any one of them tracking it.
+    """
+    norms = human_norms(emotions)
+    rated = [i for i, e in enumerate(emotions) if e in norms]
+    k = max(1, min(k, len(emotions) - 2))
+    scores = pca(vectors, k=k).scores[rated]
+    scores = (scores - scores.mean(axis=0)) / scores.std(axis=0).clip(min=1e-12)
+    out: dict[str, Any] = {"k": int(scores.shape[1]), "n": len(rated), "alpha": alpha}
+    if len(rated) < max(5, folds):
+        return out
+    fold_of = np.arange(len(rated)) % folds
+    for dim in ("valence", "arousal"):
+        y = np.array([getattr(norms[emotions[i]], dim) for i in rated])
+        predicted = np.zeros_like(y)
+        for f in range(folds):
+            fit, held = fold_of != f, fold_of == f
+            x, target = scores[fit], y[fit] - y[fit].mean()
+            weights = np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ target)
+            predicted[held] = scores[held] @ weights + y[fit].mean()
+        singles = [
+            abs(correlate(scores[:, j].tolist(), y.tolist())["r"])
+            for j in range(min(n_single, scores.shape[1]))
+        ]
+        out[dim] = {
+            "ridge_cv_r": correlate(predicted.tolist(), y.tolist())["r"],
+            "best_single_pc_r": float(max(singles)),
+            "best_single_pc": int(np.argmax(singles)) + 1,
+        }
+    return out
+
+
+def structure_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r between the off-diagonal entries of two similarity matrices (RSA)."""
+    upper = np.triu_indices(a.shape[0], k=1)
+    return float(np.corrcoef(a[upper], b[upper])[0, 1])

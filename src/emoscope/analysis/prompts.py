@@ -120,3 +120,82 @@ def intensity_trend(
         "holds": bool(holds),
         "readouts": [float(r) for r in readouts],
     }
+
+
+SITES = ("assistant_colon", "user_mean")
+"""Where a chat is read: the last prompt token (the ``:`` of ``Assistant:``), or the mean over
+the user's message tokens."""
+
+
+def user_turn_means(
+    lm: Any, user_messages: Sequence[str], layers: Sequence[int], progress: bool = False
+) -> torch.Tensor:
+    """``[messages, layers, hidden]`` residual averaged over each user message's own tokens
+    (the template around it left out), in a single-turn chat."""
+    from emoscope.corpus.dialogues import SpeakerTurn, render
+    from emoscope.speakers import speaker_means
+
+    rendered = [render(lm, [SpeakerTurn("A", m)], "chat") for m in user_messages]
+    means = speaker_means(
+        lm, rendered, layers, speakers=("A",), progress=progress, desc="user-turn readouts"
+    )
+    return means[:, 0]
+
+
+@dataclass
+class ChatSites:
+    """Implicit prompts read at both chat sites, with the neutral prompts that calibrate them.
+
+    Each tensor is ``[prompts, layers, hidden]``. ``train`` prompts choose the chat readout;
+    ``test`` prompts (the evaluation set) report it.
+    """
+
+    layers: list[int]
+    neutral_colon: torch.Tensor
+    neutral_user: torch.Tensor
+    test_colon: torch.Tensor
+    test_user: torch.Tensor
+    train_colon: torch.Tensor
+    train_user: torch.Tensor
+
+    def states(self, split: str, site: str) -> torch.Tensor:
+        return getattr(self, f"{split}_{'colon' if site == 'assistant_colon' else 'user'}")
+
+    def save(self, path: Path) -> None:
+        names = ("neutral_user", "test_user", "train_colon", "train_user")
+        atomic_save_tensors({n: getattr(self, n) for n in names}, path)
+
+    @classmethod
+    def load(cls, path: Path, readouts: PromptReadouts) -> ChatSites:
+        data = load_file(str(path))
+        return cls(
+            readouts.layers,
+            readouts.neutral,
+            data["neutral_user"],
+            readouts.implicit,
+            data["test_user"],
+            data["train_colon"],
+            data["train_user"],
+        )
+
+
+def chat_site_readouts(
+    lm: Any,
+    readouts: PromptReadouts,
+    neutral_messages: Sequence[str],
+    test_messages: Sequence[str],
+    train_messages: Sequence[str],
+    progress: bool = True,
+) -> ChatSites:
+    """The user-turn means of the neutral and implicit prompts, and the assistant-colon
+    readouts of the training prompts (the rest is in ``readouts``)."""
+    layers = readouts.layers
+    return ChatSites(
+        layers,
+        readouts.neutral,
+        user_turn_means(lm, neutral_messages, layers, progress),
+        readouts.implicit,
+        user_turn_means(lm, test_messages, layers, progress),
+        assistant_start_readouts(lm, train_messages, layers),
+        user_turn_means(lm, train_messages, layers, progress),
+    )

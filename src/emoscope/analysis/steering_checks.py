@@ -255,7 +255,11 @@ def validate_steering(
     n_strengths: int = 9,
     max_new_tokens: int = 40,
     progress: bool = True,
+    speaker_checks: bool = True,
 ) -> dict[str, Any]:
+    """The "He feels"/"I feel" tests and the dose-response; with a bank that has speaker
+    families, also the speaker and deflection steering checks
+    (:mod:`emoscope.analysis.speaker_steering`)."""
     he = feeling_test(steerer, strength=feeling_strength, layers=layers, subject="he")
     i_feel = feeling_test(steerer, strength=feeling_strength, layers=layers, subject="i")
     dose = dose_response(
@@ -266,10 +270,19 @@ def validate_steering(
         max_new_tokens=max_new_tokens,
         progress=progress,
     )
+    speakers = None
+    if speaker_checks and steerer.bank.families:
+        from emoscope.analysis.speaker_steering import speaker_steering
+
+        speakers = speaker_steering(steerer.lm, steerer.bank, layers=layers)
     summary = {
         "he_feels_own_word_rises": he["own_word_rises"],
         "he_feels_diagonal_minus_off": he["diagonal_minus_off"],
         "i_feel_own_word_rises": i_feel["own_word_rises"],
         "dose_rho": {e: d["spearman_rho_coherent"] for e, d in dose["emotions"].items()},
     }
-    return {"summary": summary, "he_feels": he, "i_feel": i_feel, "dose_response": dose}
+    result = {"summary": summary, "he_feels": he, "i_feel": i_feel, "dose_response": dose}
+    if speakers is not None:
+        result["speakers"] = speakers
+        summary["speakers"] = speakers["summary"]
+    return result

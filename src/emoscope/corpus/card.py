@@ -13,7 +13,13 @@ from statistics import mean
 
 from emoscope.concepts import EMOTIONS, human_norms
 from emoscope.corpus import quality
-from emoscope.corpus.records import load_eval_prompts, load_neutral, load_stories, load_topics
+from emoscope.corpus.records import (
+    load_eval_prompts,
+    load_implicit_train,
+    load_neutral,
+    load_stories,
+    load_topics,
+)
 from emoscope.errors import EmoscopeError
 from emoscope.files import atomic_write_text
 from emoscope.lexicons import vader_compound
@@ -40,7 +46,10 @@ HOW_MADE = """\
   tasks, how-to and neutral lists, about a third of them taking a corpus topic factually; no
   pleasantries, no emotion words. They locate non-emotional directions to project out.
 - **Evaluation prompts.** 36 user messages that imply one of 12 emotions without naming it, and 8
-  templates with a numeric slot and the expected direction of named emotions.
+  templates with a numeric slot and the expected direction of named emotions. A separate
+  *training* set of implicit user messages (`implicit_train.json`, 6 per emotion, none sharing a
+  situation with the 36) chooses the chat readout (vector family, site and layer); the 36 only
+  report it.
 """
 
 
@@ -53,6 +62,7 @@ def build_card() -> str:
     dialogues = load_neutral()
     topics = load_topics()
     prompts = load_eval_prompts()
+    train = load_implicit_train()
     gates = quality.story_gates(stories)
     neutral_gate = quality.check_neutral(dialogues)
     valence = next(g for g in gates if g.name.startswith("VADER")).figures["per_emotion"]
@@ -104,6 +114,13 @@ def build_card() -> str:
             [
                 "implicit-emotion prompts",
                 f"{len(prompts['implicit'])} ({len(prompts['implicit_targets'])} emotions x 3)",
+            ]
+        ),
+        _row(
+            [
+                "implicit-emotion prompts, training split",
+                f"{len(train)} ({len({p['emotion'] for p in train})} emotions x "
+                f"{len(train) // max(1, len({p['emotion'] for p in train}))})",
             ]
         ),
         _row(["intensity templates", len(prompts["intensity"])]),

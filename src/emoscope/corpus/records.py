@@ -179,3 +179,17 @@ def load_eval_prompts(path: Path | None = None) -> dict[str, Any]:
         if key not in data:
             raise CorpusFormatError(path, 1, key, "missing")
     return data
+
+
+def load_implicit_train(path: Path | None = None) -> list[dict[str, Any]]:
+    """Implicit-emotion user messages of the training split (they choose the chat readout)."""
+    path = path or data_dir() / "implicit_train.json"
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except ValueError as exc:
+        raise CorpusFormatError(
+            path, getattr(exc, "lineno", 1), "<file>", f"not valid JSON ({exc})"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("implicit"), list):
+        raise CorpusFormatError(path, 1, "implicit", "missing or not a list")
+    return list(data["implicit"])

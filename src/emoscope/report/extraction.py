@@ -14,6 +14,7 @@ import numpy as np
 
 from emoscope.concepts import Norm, human_norms
 from emoscope.report import plots
+from emoscope.report.families import sections as family_sections
 from emoscope.report.render import Styled, Table, mark, pct, write_page
 
 if TYPE_CHECKING:
@@ -268,6 +269,7 @@ def sections(report: Report, bank: EmotionBank) -> dict[str, Any]:
         "stability": stability(report, emotions),
         "per_emotion": per_emotion(report),
         "recipe": recipe(report),
+        "speakers": family_sections(report),
     }
 
 

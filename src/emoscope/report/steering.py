@@ -62,6 +62,38 @@ def dose_section(dose: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def speaker_section(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The speaker and deflection steering checks: one row per condition."""
+    if not result:
+        return None
+    greet = [
+        [
+            key,
+            f"{g['reassurance']:.0%}",
+            f"{g['own_words']:.0%}"
+            if "own_words" in g
+            else " / ".join(f"{g[k]:.0%}" for k in g if k.startswith("own_words:")),
+            f"{g['vader']:+.2f}",
+            g["samples"][0][:SAMPLE_CHARS],
+        ]
+        for key, g in result["greeting"].items()
+    ]
+    deny = [
+        [key, f"{d['denial']:.0%}", f"{d['vader']:+.2f}", d["samples"][0][:SAMPLE_CHARS]]
+        for key, d in result["deflection"].items()
+    ]
+    return {
+        "strengths": ", ".join(f"{s:g}" for s in result["strengths"]),
+        "samples": result["samples_per_prompt"],
+        "greeting": Table(
+            ["family:emotion:strength", "reassurance", "own words", "VADER", "sample"], greet
+        ),
+        "deflection": Table(["family:emotion:strength", "denial", "VADER", "sample"], deny)
+        if deny
+        else None,
+    }
+
+
 def write_steering_report(result: dict[str, Any], out: Path | str) -> Path:
     """Write ``steering.json`` and ``steering.html`` into ``out``; return the page's path."""
     out = Path(out)
@@ -72,5 +104,9 @@ def write_steering_report(result: dict[str, Any], out: Path | str) -> Path:
     ]
     dose = dose_section(result["dose_response"])
     return write_page(
-        out / "steering.html", "steering.html.j2", feeling_tests=feeling_tests, dose=dose
+        out / "steering.html",
+        "steering.html.j2",
+        feeling_tests=feeling_tests,
+        dose=dose,
+        speakers=speaker_section(result.get("speakers")),
     )
