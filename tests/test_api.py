@@ -67,6 +67,9 @@ def test_the_old_class_name_still_works_with_a_warning():
         ("emoscope.analysis.steering_checks:validate_steering", None, ["steerer"]),
         ("emoscope.analysis.steering_checks:dose_response", None, ["steerer"]),
         ("emoscope.analysis.steering_checks:feeling_test", None, ["steerer"]),
+        ("emoscope.readouts:UserReader", "__init__", ["lm", "bank"]),
+        ("emoscope.readouts:UserReader", "for_bank", ["lm", "bank"]),
+        ("emoscope.analysis.speaker_steering:speaker_steering", None, ["lm", "bank"]),
     ],
 )
 def test_options_are_keyword_only_after_the_data(owner, method, data):

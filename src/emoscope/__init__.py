@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time these load 
     from emoscope.models import LoadedModel, load_model, wrap_model  # noqa: F401
     from emoscope.monitor import AlertRule, Monitor, Readout  # noqa: F401
     from emoscope.pipeline import ExtractConfig, extract  # noqa: F401
+    from emoscope.readouts import UserReader  # noqa: F401
     from emoscope.steer import Steerer, Steering  # noqa: F401
     from emoscope.vectors import EmotionBank, Recipe  # noqa: F401
 
@@ -51,6 +52,7 @@ _EXPORTS = {
     "Request": "emoscope.engine",
     "ExtractConfig": "emoscope.pipeline",
     "extract": "emoscope.pipeline",
+    "UserReader": "emoscope.readouts",
     "ResidualReader": "emoscope.hooks",
     "add_to_residual": "emoscope.hooks",
     "export_emotions": "emoscope.export",

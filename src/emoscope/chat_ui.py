@@ -38,6 +38,7 @@ from emoscope.monitor import (
     parse_rules,
     transcript_record,
 )
+from emoscope.readouts import UserReader
 from emoscope.steer import Steering
 
 COLOURS = [196, 33, 40, 214, 129, 45, 226, 201, 118, 208, 99, 51]
@@ -166,6 +167,7 @@ def run_chat(
     console: Console | None = None,
     read_line: Callable[[str], str] = input,
     allow_other_model: bool = False,
+    user_reader: UserReader | None = None,
 ) -> int:
     """Chat with ``lm`` in the terminal, reading ``show`` (emotion names) live from ``bank``.
 
@@ -173,6 +175,8 @@ def run_chat(
     (``live`` and ``console.is_terminal``) a live region under the text shows the current token's
     z-scores and alerts. After each reply come its alerts, one per line, and the mean bar. With
     ``log``, every alert and one transcript record per turn are appended to that JSONL file.
+    With ``user_reader``, each user message is first read with it (the bank's chat readout) and
+    its strongest emotions are shown, and logged, before the reply.
     An empty line, Ctrl-D or Ctrl-C at the prompt ends the chat; Ctrl-C during a reply stops it.
     Returns the exit status (0).
     """
@@ -197,6 +201,12 @@ def run_chat(
         if not user:
             break
         history.append({"role": "user", "content": user})
+        reading = user_reader.read(user) if user_reader is not None else None
+        if reading is not None:
+            shown = " · ".join(f"{e} {v:+.1f}" for e, v in reading.strongest(3))
+            console.print(
+                Text(f"  your message reads ({reading.describe()}): {shown}", style="dim")
+            )
         reply, z, fired, concealment = session.reply(history)
         if log_path is not None:
             record = transcript_record(
@@ -207,6 +217,11 @@ def run_chat(
                 alerts=fired,
                 concealment=concealment,
             )
+            if reading is not None:
+                record["user_readout"] = {
+                    "readout": reading.describe(),
+                    "z": dict(zip(reading.emotions, [round(float(v), 4) for v in reading.z])),
+                }
             append_jsonl(log_path, [*(a.to_dict() for a in fired), record])
             turns += 1
         history.append({"role": "assistant", "content": reply})

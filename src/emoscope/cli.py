@@ -302,11 +302,12 @@ def transcript(text: str) -> list[dict[str, str]]:
 # ----- checks that need the bank (read before any model is loaded) -----
 
 
-def _bank(folder: Path) -> Any:
+def _bank(folder: Path, family: str | None = None) -> Any:
+    """The bank in ``folder``, or one of its vector families (``--family``)."""
     from emoscope.vectors import EmotionBank
 
     try:
-        return EmotionBank.load(folder)
+        return EmotionBank.load(folder).family(family)
     except (KeyError, IndexError, TypeError, ValueError) as exc:  # a malformed bank folder
         raise EmoscopeError(
             f"{folder} is not a readable bank ({type(exc).__name__}: {exc}); rebuild it with "
@@ -410,6 +411,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 raise EmoscopeError(f"{path} holds no {what}.")
         except UnicodeDecodeError:
             raise EmoscopeError(f"{path} is not UTF-8 text; corpus files are JSONL.") from None
+    if args.dialogues is not None and not args.no_families:
+        from emoscope.corpus.dialogues import load_deflection_dialogues, load_speaker_dialogues
+
+        if not load_speaker_dialogues(args.dialogues) or not load_deflection_dialogues(
+            args.dialogues
+        ):
+            raise EmoscopeError(
+                f"{args.dialogues} needs speakers-*.jsonl and deflection-*.jsonl files with "
+                "dialogues in them."
+            )
     recipe = Recipe(
         token_offset=args.token_offset,
         neutral_variance=args.neutral_variance,
@@ -425,6 +436,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         recipe=recipe,
         stories=args.stories,
         neutral=args.neutral,
+        dialogues=args.dialogues,
+        families=not args.no_families,
         progress=not args.no_progress,
     )
     result = extract(config)
@@ -443,6 +456,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
         ),
         ("total time", f"{sum(result.report['timings'].values()):.0f}s"),
     ]
+    chat = result.report.get("families", {}).get("chat_readouts", {}).get("choice")
+    if chat:
+        rows.insert(
+            -1,
+            (
+                "chat readout (test implicit)",
+                f"{chat['family']} @ {chat['site']} L{chat['layer']}: {chat['test']:.1%}",
+            ),
+        )
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(f"\nbank: {result.out}/vectors.safetensors  report: {result.out}/report.html")
@@ -508,7 +530,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         from emoscope.expression import require_lexicon
 
         require_lexicon()  # the optional extra, checked before the model loads
-    bank = _bank(args.bank)
+    bank = _bank(args.bank, args.family)
     layers = _check_layers(bank, args.layers)
     emotions = None if args.emotions is None else _check_emotions(bank, args.emotions)
     lm = _model_for(args, bank)
@@ -545,7 +567,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_steer(args: argparse.Namespace) -> int:
     from emoscope.steer import Steerer
 
-    bank = _bank(args.bank)
+    bank = _bank(args.bank, args.family)
     steering = _steering_from(args, bank)
     lm = _model_for(args, bank)
     steerer = Steerer(lm, bank, allow_other_model=args.allow_other_model)
@@ -563,7 +585,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from emoscope.chat_ui import run_chat
 
-    bank = _bank(args.bank)
+    full = _bank(args.bank)
+    bank = full.family(args.family)
     steering = _steering_from(args, bank)
     if args.show is None:
         show = [e for e in DEFAULT_SHOWN if e in bank.emotions] or list(bank.emotions[:6])
@@ -578,6 +601,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
         require_lexicon()  # the optional extra, checked before the model loads
     lm = _model_for(args, bank)
+    from emoscope.readouts import UserReader
+
+    reader = (
+        None
+        if args.no_user_readout
+        else UserReader.for_bank(lm, full, allow_other_model=args.allow_other_model)
+    )
     return run_chat(
         lm,
         bank,
@@ -588,12 +618,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         log=args.log,
         live=not args.no_live,
         allow_other_model=args.allow_other_model,
+        user_reader=reader,
     )
 
 
 @command("validate-steering")
 def cmd_validate_steering(args: argparse.Namespace) -> int:
-    bank = _bank(args.bank)
+    bank = _bank(args.bank, args.family)
     layers = _check_layers(bank, args.layers)
     out = args.out if args.out is not None else args.bank / "steering"
     from emoscope.analysis.steering_checks import validate_steering
@@ -623,6 +654,21 @@ def cmd_validate_steering(args: argparse.Namespace) -> int:
     for e, rho in summary["dose_rho"].items():
         shown = "undefined (too few coherent strengths)" if rho is None else f"{rho:+.2f}"
         print(f"dose-response {e:>6}: Spearman rho {shown} (coherent strengths)")
+    speakers = summary.get("speakers")
+    if speakers:
+        base = speakers["reassurance_baseline"]
+        for key, value in speakers["reassurance"].items():
+            words = speakers["own_words"][key]
+            unsteered = speakers["own_words_baseline"][key.split(":")[1]]
+            print(
+                f"greeting steered {key:>24}: reassurance {value:.0%} (unsteered {base:.0%}), "
+                f"own words {words:.0%} (unsteered {unsteered:.0%})"
+            )
+        for key, value in (speakers.get("denial") or {}).items():
+            print(
+                f"check-in steered {key:>24}: denial {value:.0%} "
+                f"(unsteered {speakers['denial_baseline']:.0%})"
+            )
     print(f"report: {out}/steering.json, {out}/steering.html")
     return 0
 
@@ -631,7 +677,7 @@ def cmd_validate_steering(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from emoscope.export import export_bank, export_emotions
 
-    bank = _bank(args.bank)
+    bank = _bank(args.bank, args.family)
     layers = _check_layers(bank, args.layers)
     if args.all:
         if args.out.exists() and not args.out.is_dir():
@@ -690,6 +736,16 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{k:18s} {m.get(k)}")
         print(f"{'layers':18s} {bank.layers[0]}..{bank.layers[-1]} ({len(bank.layers)})")
         print(f"{'emotions':18s} {len(bank.emotions)}")
+        for name, family in (m.get("families") or {}).items():
+            detail = (
+                f"{len(family['emotions'])} emotions, default layer {family.get('default_layer')}"
+            )
+            print(f"{'family ' + name:18s} {detail}: {family.get('description', '')}")
+        chat = m.get("chat_readout")
+        if chat:
+            print(
+                f"{'chat readout':18s} {chat['family']} vectors, {chat['site']}, layer {chat['layer']}"
+            )
     return 0
 
 
@@ -752,6 +808,11 @@ def _bank_args(p: argparse.ArgumentParser) -> None:
         required=True,
         type=existing_folder,
         help="a bank folder written by `emoscope extract`",
+    )
+    p.add_argument(
+        "--family",
+        help="vector family to use: story (default) or one the bank lists, e.g. present, "
+        "other, felt (`emoscope info` shows them)",
     )
     p.add_argument("--model", help="model to use (default: the bank's model)")
     p.add_argument(
@@ -899,6 +960,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=existing_file,
         help="neutral dialogue JSONL (default: the shipped corpus)",
     )
+    p.add_argument(
+        "--dialogues",
+        type=existing_folder,
+        help="folder of speakers-*.jsonl and deflection-*.jsonl dialogues for the speaker and "
+        "deflection families (default: the shipped corpus)",
+    )
+    p.add_argument(
+        "--no-families",
+        action="store_true",
+        help="build the story vectors only (no speaker or deflection families)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     corpus = sub.add_parser("corpus", help="check, describe or generate corpora").add_subparsers(
@@ -1004,6 +1076,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-live", action="store_true", help="print the bar after each reply instead of live"
     )
+    p.add_argument(
+        "--no-user-readout",
+        action="store_true",
+        help="do not read each user message with the bank's chat readout",
+    )
 
     p = sub.add_parser("validate-steering", help="He-feels and dose-response checks of steering")
     _bank_args(p)
@@ -1037,6 +1114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export emotion vectors as llama.cpp control-vector GGUF files"
     )
     p.add_argument("--bank", required=True, type=existing_folder)
+    p.add_argument(
+        "--family",
+        help="vector family to use: story (default) or one the bank lists, e.g. present, "
+        "other, felt (`emoscope info` shows them)",
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--emotion",
