@@ -48,7 +48,7 @@ from emoscope.activations import (
 )
 from emoscope.analysis import families as family_analysis
 from emoscope.analysis.calibration import user_site_statistics
-from emoscope.analysis.layers import LabelledStories, VectorSweep, sweep_layers
+from emoscope.analysis.layers import LabelledStories, VectorSweep, neutral_bases, sweep_layers
 from emoscope.analysis.prompts import (
     ChatSites,
     PromptReadouts,
@@ -81,8 +81,6 @@ from emoscope.vectors import (
     EmotionBank,
     Recipe,
     bank_from_parts,
-    covariance_of,
-    neutral_basis,
     two_thirds_layer,
 )
 
@@ -434,16 +432,7 @@ def _families(
 ) -> dict[str, Any]:
     """Build every family into ``bank``, choose its chat readout, and return the report section."""
     layers = readouts.layers
-    recipe = sweep.recipe
-    bases = {
-        layer: neutral_basis(
-            neutral.cov[i]
-            if recipe.neutral_pca == "tokens"
-            else covariance_of(neutral.text_means[:, i]),
-            recipe,
-        )
-        for i, layer in enumerate(layers)
-    }
+    bases = neutral_bases(neutral, sweep.recipe)
     for i, layer in enumerate(layers):
         story = sweep.layers[layer]
         for key, value in user_site_statistics(story, sites.neutral_user[:, i]).items():

@@ -279,26 +279,23 @@ def framing_report(
     train = ~is_test
     built = build_layer(xp[train, index], y[train], len(view.emotions), bases[layer], FAMILY_RECIPE)
     cos = torch.nn.functional.cosine_similarity(built.vectors, view.vectors[layer], dim=1)
-    chat_lv = view.vectors[layer], view.stat("mean", layer)
-    return {
+    vectors = {
+        "person": (built.vectors, built.mean),
+        "chat": (view.vectors[layer], view.stat("mean", layer)),
+    }
+    turns = {"person": xp[is_test, index], "chat": xc[is_test, index]}
+    out: dict[str, Any] = {
         "layer": layer,
         "same_emotion_cosine": float(cos.mean()),
         "rsa": geometry.structure_agreement(
             geometry.cosine_matrix(built.vectors), geometry.cosine_matrix(view.vectors[layer])
         ),
-        "person_vectors_on_chat_test": nearest_vector_accuracy(
-            built.vectors, built.mean, xc[is_test, index], y[is_test]
-        ).as_dict(),
-        "chat_vectors_on_person_test": nearest_vector_accuracy(
-            chat_lv[0], chat_lv[1], xp[is_test, index], y[is_test]
-        ).as_dict(),
-        "person_vectors_on_person_test": nearest_vector_accuracy(
-            built.vectors, built.mean, xp[is_test, index], y[is_test]
-        ).as_dict(),
-        "chat_vectors_on_chat_test": nearest_vector_accuracy(
-            chat_lv[0], chat_lv[1], xc[is_test, index], y[is_test]
-        ).as_dict(),
     }
+    for source, (v, centre) in vectors.items():
+        for target, x in turns.items():
+            accuracy = nearest_vector_accuracy(v, centre, x, y[is_test])
+            out[f"{source}_vectors_on_{target}_test"] = accuracy.as_dict()
+    return out
 
 
 def decodability_report(bank: EmotionBank) -> dict[str, Any]:

@@ -143,6 +143,20 @@ class VectorSweep:
     """How the story-variance level was chosen (the grid and its best score per level)."""
 
 
+def neutral_bases(neutral: NeutralMoments, recipe: Recipe) -> dict[int, torch.Tensor]:
+    """Per layer, the neutral-text components the recipe projects out (over token positions or
+    over per-dialogue means)."""
+    return {
+        layer: neutral_basis(
+            neutral.cov[i]
+            if recipe.neutral_pca == "tokens"
+            else covariance_of(neutral.text_means[:, i]),
+            recipe,
+        )
+        for i, layer in enumerate(neutral.layers)
+    }
+
+
 def sweep_layers(
     stories: LabelledStories,
     neutral: NeutralMoments,
@@ -157,15 +171,7 @@ def sweep_layers(
     prompts, for calibration); all inputs share the layer order of ``stories.activations``.
     """
     layers = stories.activations.layers
-    bases = {
-        layer: neutral_basis(
-            neutral.cov[i]
-            if recipe.neutral_pca == "tokens"
-            else covariance_of(neutral.text_means[:, i]),
-            recipe,
-        )
-        for i, layer in enumerate(layers)
-    }
+    bases = neutral_bases(neutral, recipe)
     cv = _cross_validate(stories, bases, recipe.story_levels, cv_folds)
     level, default_layer = choose(cv)
     chosen = recipe.with_story_variance(level)

@@ -167,14 +167,18 @@ def corpus_sha256(stories: Iterable[Story], dialogues: Iterable[Dialogue] = ()) 
     return digest.hexdigest()
 
 
-def load_eval_prompts(path: Path | None = None) -> dict[str, Any]:
-    path = path or data_dir() / "eval_prompts.json"
+def _read_prompt_file(path: Path) -> Any:
     try:
-        data = json.loads(Path(path).read_text("utf-8"))
+        return json.loads(Path(path).read_text("utf-8"))
     except ValueError as exc:
         raise CorpusFormatError(
             path, getattr(exc, "lineno", 1), "<file>", f"not valid JSON ({exc})"
         ) from None
+
+
+def load_eval_prompts(path: Path | None = None) -> dict[str, Any]:
+    path = path or data_dir() / "eval_prompts.json"
+    data = _read_prompt_file(path)
     for key in ("implicit", "implicit_targets", "intensity"):
         if key not in data:
             raise CorpusFormatError(path, 1, key, "missing")
@@ -184,12 +188,7 @@ def load_eval_prompts(path: Path | None = None) -> dict[str, Any]:
 def load_implicit_train(path: Path | None = None) -> list[dict[str, Any]]:
     """Implicit-emotion user messages of the training split (they choose the chat readout)."""
     path = path or data_dir() / "implicit_train.json"
-    try:
-        data = json.loads(Path(path).read_text("utf-8"))
-    except ValueError as exc:
-        raise CorpusFormatError(
-            path, getattr(exc, "lineno", 1), "<file>", f"not valid JSON ({exc})"
-        ) from None
+    data = _read_prompt_file(path)
     if not isinstance(data, dict) or not isinstance(data.get("implicit"), list):
         raise CorpusFormatError(path, 1, "implicit", "missing or not a list")
     return list(data["implicit"])
