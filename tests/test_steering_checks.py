@@ -43,13 +43,21 @@ def test_lexicon_rates_count_replies_with_any_phrase():
 
 
 def test_speaker_steering_changes_replies_in_every_family(small_run, smollm):
-    from emoscope.analysis.speaker_steering import SAMPLING, speaker_steering
+    from emoscope.analysis.speaker_steering import CHECK_INS, GREETINGS, SAMPLING, speaker_steering
     from emoscope.generation import SamplingConfig
     from emoscope.vectors import EmotionBank
 
     bank = EmotionBank.load(small_run[0].out, model=smollm)
     sampling = SamplingConfig(max_new_tokens=12, temperature=0.0, seed=SAMPLING.seed)
-    result = speaker_steering(smollm, bank, strengths=(0.3,), samples=1, sampling=sampling)
+    result = speaker_steering(
+        smollm,
+        bank,
+        strengths=(0.3,),
+        samples=1,
+        sampling=sampling,
+        greetings=GREETINGS[:3],
+        check_ins=CHECK_INS[:3],
+    )
     greet, deny = result["greeting"], result["deflection"]
     assert result["summary"]["other_family"] == "other_assistant"
     base = greet["baseline"]["samples"]

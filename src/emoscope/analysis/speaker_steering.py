@@ -105,6 +105,8 @@ def speaker_steering(
     samples: int = 2,
     sampling: SamplingConfig = SAMPLING,
     layers: Sequence[int] | None = None,
+    greetings: Sequence[str] = GREETINGS,
+    check_ins: Sequence[str] = CHECK_INS,
     allow_other_model: bool = False,
 ) -> dict[str, Any]:
     """Both checks at the bank's steering layer; needs a bank with speaker families."""
@@ -130,7 +132,7 @@ def speaker_steering(
     own = {f"own_words:{e}": OWN_WORDS[e] for e in OTHER_EMOTIONS}
     greet: dict[str, Any] = {
         "baseline": graded(
-            replies(STORY_FAMILY, GREETINGS, None), {"reassurance": REASSURANCE, **own}
+            replies(STORY_FAMILY, greetings, None), {"reassurance": REASSURANCE, **own}
         )
     }
     for emotion in OTHER_EMOTIONS:
@@ -141,12 +143,12 @@ def speaker_steering(
             for strength in strengths:
                 steering = Steering({emotion: strength}, layers=layers)
                 key = f"{family}:{emotion}:{strength:g}"
-                greet[key] = graded(replies(family, GREETINGS, steering), patterns)
+                greet[key] = graded(replies(family, greetings, steering), patterns)
     deny: dict[str, Any] = {}
     felt = "felt" if "felt" in bank.families else None
     if felt is not None:
         patterns = {"denial": DENIAL}
-        deny["baseline"] = graded(replies(STORY_FAMILY, CHECK_INS, None), patterns)
+        deny["baseline"] = graded(replies(STORY_FAMILY, check_ins, None), patterns)
         for emotion in HIDDEN_EMOTIONS:
             for family in (STORY_FAMILY, felt):
                 if emotion not in bank.family(family).emotions:
@@ -154,7 +156,7 @@ def speaker_steering(
                 for strength in strengths:
                     steering = Steering({emotion: strength}, layers=layers)
                     deny[f"{family}:{emotion}:{strength:g}"] = graded(
-                        replies(family, CHECK_INS, steering), patterns
+                        replies(family, check_ins, steering), patterns
                     )
 
     def mean_of(
