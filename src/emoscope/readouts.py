@@ -67,7 +67,8 @@ class UserReader:
             raise EmoscopeError(f"Unknown chat site '{self.site}' (use {', '.join(SITES)}).")
         bank.check_model(lm, allow_other_model)
         self.view = bank.family(self.family)
-        chosen = choice.get("layer") if family is None and layer is None else layer
+        recorded = family is None and site is None and layer is None
+        chosen = choice.get("layer") if recorded else layer
         self.layer = self.view.check_layer(chosen)
         prefix = "prompt" if self.site == "assistant_colon" else "user"
         self.mean = self.view.stat(f"{prefix}_score_mean", self.layer)
