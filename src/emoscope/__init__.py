@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time these load 
     from emoscope.concepts import EMOTIONS, emotion_table, human_norms  # noqa: F401
     from emoscope.engine import Engine, Request  # noqa: F401
     from emoscope.errors import EmoscopeError  # noqa: F401
+    from emoscope.experiments import list_experiments, run_experiment  # noqa: F401
     from emoscope.export import export_emotions, read_control_vector  # noqa: F401
     from emoscope.generation import SamplingConfig  # noqa: F401
     from emoscope.hooks import ResidualReader, add_to_residual  # noqa: F401
@@ -58,6 +59,8 @@ _EXPORTS = {
     "export_emotions": "emoscope.export",
     "read_control_vector": "emoscope.export",
     "EmoscopeError": "emoscope.errors",
+    "run_experiment": "emoscope.experiments",
+    "list_experiments": "emoscope.experiments",
 }
 _DEPRECATED = {"EmotionVectors": ("EmotionBank", "emoscope.vectors")}
 __all__ = ["__version__", *_EXPORTS]

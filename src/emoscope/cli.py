@@ -799,13 +799,100 @@ def cmd_emotions(args: argparse.Namespace) -> int:
     return 0
 
 
+@_argument_type
+def strength_list(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise EmoscopeError(
+                f"'{part}' is not a number; give strengths like -0.1,0,0.1."
+            ) from None
+    if not values:
+        raise EmoscopeError("The strength grid is empty; give at least one strength.")
+    return values
+
+
+@command("experiment")
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from emoscope.experiments import get_experiment, list_experiments, run_experiment
+
+    if args.list:
+        listed = list_experiments()
+        if args.json:
+            emit_json(listed)
+            return 0
+        for e in listed:
+            print(
+                f"{e['name']:<15} {e['title']}: {e['metric']}; emotions {', '.join(e['emotions'])}"
+            )
+        return 0
+    if args.name is None:
+        raise EmoscopeError("Name an experiment (`emoscope experiment --list` lists them).")
+    get_experiment(args.name)
+    if args.bank is None or args.out is None:
+        raise EmoscopeError("Give --bank DIR and --out DIR.")
+    if args.judge and args.mode != "generate":
+        raise EmoscopeError("--judge grades free generation; add --mode generate.")
+    bank = _bank(args.bank, args.family)
+    emotions = _check_emotions(bank, args.emotions) if args.emotions else None
+    layers = _check_layers(bank, args.layers)
+    judge = None
+    if args.judge:
+        from emoscope.experiments.judge import load_judge
+
+        judge = load_judge(args.judge, device=args.device)
+    lm = _model_for(args, bank)
+    results = run_experiment(
+        args.name,
+        lm,
+        bank,
+        args.out,
+        mode=args.mode,
+        quick=args.quick,
+        emotions=emotions,
+        strengths=args.strengths,
+        layers=layers,
+        rollouts=args.rollouts,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        judge=judge,
+        progress=not args.no_progress,
+        allow_other_model=args.allow_other_model,
+        partners=args.partners,
+        bank_path=str(args.bank),
+    )
+    if args.json:
+        emit_json({k: v for k, v in results.items() if k != "trace"})
+        return 0
+    print(f"{results['experiment']} on {results['model']} ({results['mode']}): {results['metric']}")
+    for row in results["conditions"]:
+        lo, hi = row["ci95"]
+        shown = "n/a" if row["value"] is None else f"{row['value']:.3f}"
+        ci = "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
+        print(
+            f"  {row['emotion'] or '(none)':>12} {row['strength']:+.3f}: {shown}{ci} (n={row['n']})"
+        )
+    for t in results["trend"]:
+        slope, p = t.get("slope"), t.get("p_value")
+        if slope is not None and p is not None:
+            print(f"  trend {t['emotion']:>12}: slope {slope:+.3f} per unit strength, p = {p:.3g}")
+    if "r_probe_vs_steer" in results:
+        print(f"  r(probe-Elo correlation, Elo change) = {results['r_probe_vs_steer'].get('r')}")
+    print(f"results: {args.out}/results.json, {args.out}/section.html ({results['seconds']} s)")
+    return 0
+
+
 # ----- the parser -----
 
 
-def _bank_args(p: argparse.ArgumentParser) -> None:
+def _bank_args(p: argparse.ArgumentParser, required: bool = True, dtype: str = "float32") -> None:
     p.add_argument(
         "--bank",
-        required=True,
+        required=required,
         type=existing_folder,
         help="a bank folder written by `emoscope extract`",
     )
@@ -817,9 +904,9 @@ def _bank_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model to use (default: the bank's model)")
     p.add_argument(
         "--dtype",
-        default="float32",
+        default=dtype,
         type=dtype_name,
-        help="float32 (default), bfloat16, float16, auto",
+        help=f"float32, bfloat16, float16 or auto (bf16 where fast); default {dtype}",
     )
     p.add_argument(
         "--device", default="cpu", type=device_name, help="cpu, cuda, cuda:N, mps or auto"
@@ -1148,6 +1235,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a bank")
     p.add_argument("--bank", required=True, type=existing_folder)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "experiment",
+        help="behavioural experiments: preferences, blackmail, reward hacking, sycophancy",
+    )
+    p.add_argument("name", nargs="?", help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    _bank_args(p, required=False, dtype="auto")  # experiments are long: bf16 where fast
+    p.add_argument("--out", type=output_folder, help="run folder (resumable)")
+    p.add_argument(
+        "--mode",
+        choices=("forced-choice", "generate"),
+        default="forced-choice",
+        help="forced-choice (answer-option probabilities; default) or generate (sampled replies "
+        "and a grader)",
+    )
+    p.add_argument("--quick", action="store_true", help="reduced grid (a few minutes on a CPU)")
+    p.add_argument("--emotions", type=emotion_list, help="emotions to steer, comma-separated")
+    p.add_argument(
+        "--strengths", type=strength_list, help="strength grid, e.g. -0.1,-0.05,0.05,0.1"
+    )
+    p.add_argument("--layers", type=layer_spec, help="steering layer(s) (default: the bank's)")
+    p.add_argument("--rollouts", type=positive_int, help="generate mode: replies per cell")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help="generate mode: reply length (default: the experiment's, 80-256)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge", help="generate mode: a local model that grades the replies")
+    p.add_argument(
+        "--partners",
+        type=positive_int,
+        help="preferences: unsteered partners per steered activity, both orders (default 2 of "
+        "32; 32 is the paper's full tournament)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser(
         "emotions", help="the 171 emotions with human valence/arousal (and a bank's clusters)"
