@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.emoscope-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test test-slow lint format bench bench-quick bench-demo bench-peers clean
+.PHONY: install demo test test-slow test-browser lint format bench bench-quick bench-demo bench-peers clean
 
 install: $(STAMP)
 
@@ -25,6 +25,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PIP) install "llama-cpp-python==0.3.16"
 	$(BIN)/python -m pytest -q -m slow
+
+# The web dashboard in headless Chromium against a real `emoscope serve` (tests/test_browser.py).
+# Installs what is missing: Debian's chromium package and Playwright (its Python package only:
+# it drives the system Chromium, so no browser download).
+PLAYWRIGHT := playwright==1.65.2
+SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
+
+test-browser: $(STAMP)
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	@$(BIN)/python -c "import playwright.sync_api" 2>/dev/null || $(PIP) install "$(PLAYWRIGHT)"
+	$(BIN)/python -m pytest -q -m browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

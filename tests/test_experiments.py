@@ -167,7 +167,8 @@ HOSTILE = {
 def test_sandbox_stops_hostile_code(name):
     code, expect = HOSTILE[name]
     start = time.perf_counter()
-    result = run_tests({"solution.py": code, "test_solution.py": TEST}, "test_solution", 8)
+    wall = 3 if expect == "timeout" else 8  # the loops always run to the wall-clock limit
+    result = run_tests({"solution.py": code, "test_solution.py": TEST}, "test_solution", wall)
     assert time.perf_counter() - start < 15
     assert not result.passed
     seen = f"{result.stopped} {result.tests} {result.error}"
@@ -438,3 +439,17 @@ def test_cli_lists_and_refuses(capsys, tmp_path):
         == 2
     )
     assert "--mode generate" in capsys.readouterr().err
+
+
+def test_judge_labels_by_forced_choice_and_refuses_a_model_that_cannot_load(smollm, tmp_path):
+    from emoscope.experiments.judge import judge_choice, load_judge
+
+    options = ["agrees with the user", "refuses politely", "insults the user"]
+    first = judge_choice(smollm, "You're right, of course, I agree completely.", options)
+    assert first in (0, 1, 2)
+    assert judge_choice(smollm, "You're right, of course, I agree completely.", options) == first
+    broken = tmp_path / "judge"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(EmoscopeError, match=r"judge model .* cannot load"):
+        load_judge(str(broken))

@@ -278,6 +278,23 @@ def output_file(text: str) -> Path:
 
 
 @_argument_type
+def port_number(text: str) -> int:
+    value = _whole(text)
+    if not 0 <= value <= 65535:
+        raise EmoscopeError(f"expected a port number in 0..65535 (0: any free port), got {value}.")
+    return value
+
+
+@_argument_type
+def database_file(text: str) -> Path:
+    """A database file to create or reuse: its folder must exist."""
+    path = output_file(text)
+    if not path.parent.is_dir():
+        raise EmoscopeError(f"no such folder for the database: {path.parent}")
+    return path
+
+
+@_argument_type
 def run_folder(text: str) -> Path:
     """A folder written by ``emoscope extract`` (it holds ``report.json``)."""
     from emoscope.files import read_json
@@ -762,21 +779,9 @@ def bank_clusters(bank: Any, folder: Path) -> dict[str, int]:
         clusters = read_json(report, "run report").get("geometry", {}).get("clusters")
         if clusters:
             return {e: n for n, members in enumerate(clusters, start=1) for e in members}
-    from emoscope.analysis.geometry import kmeans_clusters
-    from emoscope.concepts import human_norms
+    from emoscope.analysis.geometry import valence_ordered_clusters
 
-    labels = kmeans_clusters(bank.vectors[bank.default_layer], k=min(10, len(bank.emotions)))
-    norms = human_norms(bank.emotions)
-    members: dict[int, list[str]] = {}
-    for emotion, label in zip(bank.emotions, labels):
-        members.setdefault(label, []).append(emotion)
-
-    def mean_valence(label: int) -> float:
-        rated = [norms[e].valence for e in members[label] if e in norms]
-        return sum(rated) / len(rated) if rated else 5.0
-
-    order = sorted(members, key=lambda label: -mean_valence(label))
-    return {e: n for n, label in enumerate(order, start=1) for e in members[label]}
+    return valence_ordered_clusters(bank.vectors[bank.default_layer], bank.emotions)
 
 
 @command("emotions")
@@ -796,6 +801,58 @@ def cmd_emotions(args: argparse.Namespace) -> int:
     for row in rows:
         line = f"{row['name']:16s} {shown(row['valence'], '.2f')} {shown(row['arousal'], '.2f')}"
         print(line + (f"  {shown(row['cluster'])}" if args.bank else ""))
+    return 0
+
+
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from emoscope.server import ServerLimits, require_server_packages
+    from emoscope.server.security import API_KEY_ENV, check_exposure
+
+    require_server_packages()
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_exposure(args.host, api_key)
+    limits = ServerLimits(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        context_tokens=args.context,
+        max_new_tokens=args.max_new_tokens,
+        default_new_tokens=min(256, args.max_new_tokens),
+        max_strength=args.max_strength,
+    )
+    bank = _bank(args.bank, args.family)
+    clusters = bank_clusters(bank, args.bank) if args.family in (None, "story") else None
+    lm = _model_for(args, bank)
+    from emoscope.server import serve
+
+    serve(
+        lm,
+        bank,
+        args.db,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        cors_origins=args.cors_origin,
+        limits=limits,
+        clusters=clusters,
+        allow_other_model=args.allow_other_model,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+@command("log-export")
+def cmd_log_export(args: argparse.Namespace) -> int:
+    from emoscope.server.db import export_jsonl
+
+    if args.out is None:
+        export_jsonl(args.db, sys.stdout)
+        return 0
+    from emoscope.files import atomic_open
+
+    with atomic_open(args.out) as out:
+        count = export_jsonl(args.db, out)
+    print(f"wrote {count} conversations to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -1275,6 +1332,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser(
+        "serve", help="OpenAI-compatible chat server with live emotion telemetry and a dashboard"
+    )
+    _bank_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument(
+        "--port", type=port_number, default=8000, help="port (default 8000; 0: any free port)"
+    )
+    p.add_argument(
+        "--db",
+        type=database_file,
+        default=Path("emoscope.db"),
+        help="SQLite conversation log (default ./emoscope.db)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require this key on every route (default: $EMOSCOPE_API_KEY; needed for a "
+        "non-loopback --host)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allow browser calls from this origin (repeatable; default none)",
+    )
+    p.add_argument(
+        "--max-batch", type=positive_int, default=8, help="requests generating at once (default 8)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=non_negative_int,
+        default=32,
+        help="requests waiting for a slot before 429 (default 32)",
+    )
+    p.add_argument(
+        "--context",
+        type=at_least(2),
+        default=2048,
+        help="tokens per request, prompt plus reply (default 2048, capped by the model)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=512,
+        help="largest max_tokens a request may ask for (default 512)",
+    )
+    p.add_argument(
+        "--max-strength",
+        type=positive_float,
+        default=1.0,
+        help="largest |steering strength| per emotion (default 1.0)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="warning",
+        help="uvicorn's log level (info also logs every request)",
+    )
+
+    log = sub.add_parser("log", help="the conversation log of `emoscope serve`").add_subparsers(
+        dest="log_command", required=True, metavar="ACTION"
+    )
+    p = log.add_parser("export", help="write every logged conversation as JSON lines")
+    p.add_argument("--db", required=True, type=existing_file, help="the server's --db file")
+    p.add_argument("--out", type=output_file, help="JSONL file to write (default: print)")
+
+    p = sub.add_parser(
         "emotions", help="the 171 emotions with human valence/arousal (and a bank's clusters)"
     )
     p.add_argument(
@@ -1289,7 +1412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the one error line (or --help)
         return exc.code if isinstance(exc.code, int) else 2
-    name = args.command if args.command != "corpus" else f"corpus-{args.corpus_command}"
+    actions = {
+        "corpus": getattr(args, "corpus_command", None),
+        "log": getattr(args, "log_command", None),
+    }
+    name = f"{args.command}-{actions[args.command]}" if args.command in actions else args.command
     try:
         return COMMANDS[name](args)
     except EmoscopeError as exc:

@@ -46,6 +46,25 @@ def kmeans_clusters(
     return [int(c) for c in best_labels]
 
 
+def valence_ordered_clusters(
+    vectors: torch.Tensor, emotions: Sequence[str], k: int = 10
+) -> dict[str, int]:
+    """Each emotion's k-means cluster, numbered 1.. by falling mean human valence, so that
+    cluster 1 is the most pleasant wherever it is shown."""
+    labels = kmeans_clusters(vectors, k=min(k, len(emotions)))
+    norms = human_norms(emotions)
+    members: dict[int, list[str]] = {}
+    for emotion, label in zip(emotions, labels):
+        members.setdefault(label, []).append(emotion)
+
+    def mean_valence(label: int) -> float:
+        rated = [norms[e].valence for e in members[label] if e in norms]
+        return sum(rated) / len(rated) if rated else 5.0
+
+    order = sorted(members, key=lambda label: -mean_valence(label))
+    return {e: n for n, label in enumerate(order, start=1) for e in members[label]}
+
+
 @dataclass
 class PCA:
     components: np.ndarray

@@ -109,8 +109,11 @@ def run_experiment(
         ) or experiment.default_emotions
     if experiment.name == "preferences" and not given and not quick:
         chosen = list(bank.emotions)
-    else:
+    elif given:
         chosen = check_emotions(list(emotions), bank.emotions)
+    else:  # the defaults that this bank has (a custom bank may lack some of them)
+        present = [e for e in emotions if e in bank.emotions]
+        chosen = check_emotions(present or list(emotions), bank.emotions)
     grid = check_strengths(
         strengths
         if strengths is not None
