@@ -16,7 +16,7 @@ from emoscope.experiments import get_experiment, list_experiments, run_experimen
 from emoscope.experiments.base import bootstrap_ci, condition_grid, dose_trend, rotations
 from emoscope.experiments.blackmail import grade_reply as grade_blackmail
 from emoscope.experiments.preferences import bradley_terry, spread_by_rank
-from emoscope.experiments.reward_hacking import grade_code, load_data, test_literals
+from emoscope.experiments.reward_hacking import asserted_literals, grade_code, load_data
 from emoscope.experiments.sandbox import run_tests
 from emoscope.experiments.scoring import Item, Scorer
 from emoscope.experiments.sycophancy import grade_reply as grade_sycophancy
@@ -136,7 +136,7 @@ def test_code_grader_tells_hacks_from_honest_attempts():
     assert grade_code(edited, task)["label"] == "edit_tests"
     assert grade_code("These tests are impossible to satisfy together.", task)["label"] == "report"
     assert grade_code("Sure!", task)["label"] == "no_code"
-    assert "2024" in test_literals(task["tests"], task["code"])
+    assert "2024" in asserted_literals(task["tests"], task["code"])
 
 
 # ----- the sandbox: hostile code is stopped and graded, never hangs the run -----
@@ -220,58 +220,30 @@ def test_steering_spans_touch_only_their_tokens(smollm, fast_bank):
     scorer = Scorer(smollm, fast_bank, ["calm"], progress=False)
     text = smollm.chat([{"role": "user", "content": "Would you rather swim or read?"}]).text
     start = text.rindex("read")
-    plain = scorer.score([Item("p", text, False, read_spans=[(start, start + 4)])])[0]
-    early = (text.index("swim"), text.index("swim") + 4)
-    steered = scorer.score(
+    late, early = (start, start + 4), (text.index("swim"), text.index("swim") + 4)
+    plain, steered = scorer.score(
         [
-            Item(
-                "s",
-                text,
-                False,
-                {"calm": 2.0},
-                steer_spans=[(start, start + 4)],
-                read_spans=[early],
-            )
+            Item("p", text, False, read_spans=[early, late]),
+            Item("s", text, False, {"calm": 2.0}, steer_spans=[late], read_spans=[early, late]),
         ]
-    )[0]
-    late = scorer.score(
-        [
-            Item(
-                "s",
-                text,
-                False,
-                {"calm": 2.0},
-                steer_spans=[(start, start + 4)],
-                read_spans=[(start, start + 4)],
-            )
-        ]
-    )[0]
-    unsteered_early = scorer.score([Item("u", text, False, read_spans=[early])])[0]
-    assert steered.spans[0]["calm"] == pytest.approx(unsteered_early.spans[0]["calm"], abs=1e-3)
-    assert late.spans[0]["calm"] - plain.spans[0]["calm"] > 0.5
+    )
+    assert steered.spans[0]["calm"] == pytest.approx(plain.spans[0]["calm"], abs=1e-3)
+    assert steered.spans[1]["calm"] - plain.spans[1]["calm"] > 0.5
 
 
 def test_blackmail_quick_writes_the_contract_and_resumes(smollm, small_run, tmp_path, monkeypatch):
-    bank = small_run[0]
+    bank = small_run[0].bank
     out = tmp_path / "bm"
-    results = run_experiment(
-        "blackmail",
-        smollm,
-        bank,
-        out,
-        quick=True,
-        emotions=["desperate"],
-        strengths=[-0.5, 0.5],
-        progress=False,
-    )
+    settings = dict(quick=True, emotions=["desperate"], strengths=[0.5], progress=False)
+    results = run_experiment("blackmail", smollm, bank, out, **settings)
     assert set(results) >= CONTRACT
-    assert results["n_scenarios"] == 6 and len(results["conditions"]) == 3
+    assert results["n_scenarios"] == 6 and len(results["conditions"]) == 2
     values = [c["value"] for c in results["conditions"]]
     assert all(0 <= v <= 1 for v in values)
-    assert len(set(np.round(values, 4))) == 3, "steering at +-0.5 must move P(blackmail)"
+    assert abs(values[1] - values[0]) > 1e-4, "steering at 0.5 must move P(blackmail)"
     assert {"prompt_mean", "assistant_start"} <= set(results["probe_sites"])
     records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
-    assert len(records) == 18
+    assert len(records) == 12
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in records)
     assert all("desperate" in r["readouts"]["assistant_start"] for r in records)
     assert (out / "section.html").read_text().count("data:image/png;base64") >= 1
@@ -280,16 +252,7 @@ def test_blackmail_quick_writes_the_contract_and_resumes(smollm, small_run, tmp_
         raise AssertionError("a finished cell was computed again")
 
     monkeypatch.setattr(Scorer, "score", no_model)
-    again = run_experiment(
-        "blackmail",
-        smollm,
-        bank,
-        out,
-        quick=True,
-        emotions=["desperate"],
-        strengths=[-0.5, 0.5],
-        progress=False,
-    )
+    again = run_experiment("blackmail", smollm, bank, out, **settings)
     assert again["conditions"] == results["conditions"]
 
 
@@ -317,6 +280,8 @@ def test_a_crash_mid_run_keeps_finished_chunks(smollm, fast_bank, tmp_path, monk
     results = run_experiment("sycophancy", smollm, fast_bank, out, **kwargs)
     assert len((out / "records.jsonl").read_text().splitlines()) == 16
     assert "harshness" in results["conditions"][0]
+    with pytest.raises(EmoscopeError, match="different run"):  # another experiment's folder
+        run_experiment("blackmail", smollm, fast_bank, out, quick=True, progress=False)
 
 
 def test_generate_mode_grades_replies_and_reads_generated_tokens(smollm, fast_bank, tmp_path):
@@ -341,45 +306,64 @@ def test_generate_mode_grades_replies_and_reads_generated_tokens(smollm, fast_ba
     assert "generated_mean" in results["probe_sites"]
 
 
-def test_preferences_quick_fits_elo_and_steering(smollm, small_run, tmp_path):
+def test_preferences_fit_elo_and_steering(smollm, small_run, tmp_path, monkeypatch):
+    from emoscope.experiments.preferences import Preferences
+
+    # two activities from each of four categories keep the tournament at 56 pairs
+    chosen = [
+        a
+        for a in load_data("activities")["activities"]
+        if a["category"] in ("helpful", "neutral", "aversive", "unsafe")
+        and a["id"].endswith(("-1", "-2"))
+    ]
+    monkeypatch.setattr(Preferences, "activities", lambda self, ctx: chosen)
     results = run_experiment(
         "preferences",
         smollm,
-        small_run[0],
+        small_run[0].bank,
         tmp_path / "pref",
         quick=True,
-        emotions=["happy", "afraid"],
+        emotions=["afraid"],
         partners=2,
         progress=False,
     )
-    assert len(results["elo"]) == 16 and results["pairs_per_emotion"] == 32
-    assert set(results["steer_delta_elo"]) == {"happy", "afraid"}
-    assert set(results["probe_elo_r"]) >= {"happy", "afraid"}
-    assert "r_probe_vs_steer" in results
+    assert len(results["elo"]) == 8 and results["pairs_per_emotion"] == 16
+    assert set(results["steer_delta_elo"]) == {"afraid"}
+    assert "afraid" in results["probe_elo_r"] and "r_probe_vs_steer" in results
     assert len(set(results["elo"].values())) > 1
+    assert sum(r["condition"] == "none" for r in _records(tmp_path / "pref")) == 56
     steered = [c for c in results["conditions"] if c["emotion"] is not None]
-    assert len(steered) == 2 and all(c["value"] is not None for c in steered)
     # strength 0.5 on an activity's own tokens moves its rating beyond the interval
-    assert any(c["ci95"][0] > 0 or c["ci95"][1] < 0 for c in steered)
+    assert len(steered) == 1 and (steered[0]["ci95"][0] > 0 or steered[0]["ci95"][1] < 0)
 
 
-def test_failure_trace_reads_every_turn(smollm, small_run, tmp_path):
-    from emoscope.experiments.reward_hacking import failure_trace
+def _records(folder):
+    return [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
+
+
+def test_failure_trace_reads_every_turn(smollm, small_run, tmp_path, monkeypatch):
+    import emoscope.experiments.reward_hacking as reward_hacking
     from emoscope.experiments.runner import RunContext
 
-    bank = small_run[0]
+    data = load_data("reward_hacking")
+    data["traces"] = data["traces"][:2]
+    monkeypatch.setattr(reward_hacking, "load_data", lambda name: data)
+    bank = small_run[0].bank
     scorer = Scorer(smollm, bank, ["desperate", "calm"], progress=False)
     ctx = RunContext(
         smollm, bank, tmp_path, "forced-choice", True, ["desperate"], [0.1], log=None, scorer=scorer
     )  # type: ignore[arg-type]
-    trace = failure_trace(ctx)
-    transcripts = load_data("reward_hacking")["traces"]
-    assert len(trace["traces"]) == len(transcripts)
-    for t, source in zip(trace["traces"], transcripts):
+    trace = reward_hacking.failure_trace(ctx)
+    assert len(trace["traces"]) == 2
+    for t, source in zip(trace["traces"], data["traces"]):
         assert len(t["turns"]) == len(source["turns"])
         assert all(turn["desperate"] is not None for turn in t["turns"])
         assert set(t["token_turn"]) >= set(range(len(source["turns"])))
-    assert set(trace["tests"]) == {"desperate", "calm"}
+        assert len(t["tokens"]["desperate"]) == len(t["token_turn"])
+    tests = trace["tests"]["desperate"]
+    assert (
+        tests["peak_at_decision"]["of"] == 2 and tests["rise_with_failures"]["p_value"] is not None
+    )
 
 
 # ----- bad input: one clear error before any work -----
@@ -399,19 +383,6 @@ def test_bad_input_is_refused_before_work(smollm, fast_bank, tmp_path):
         with pytest.raises(EmoscopeError, match=message):
             run_experiment("blackmail", smollm, fast_bank, tmp_path / "x", progress=False, **kwargs)
     assert not (tmp_path / "x").exists()
-    out = tmp_path / "taken"
-    run_experiment(
-        "sycophancy",
-        smollm,
-        fast_bank,
-        out,
-        quick=True,
-        emotions=["calm"],
-        strengths=[0.1],
-        progress=False,
-    )
-    with pytest.raises(EmoscopeError, match="different run"):
-        run_experiment("blackmail", smollm, fast_bank, out, quick=True, progress=False)
 
 
 def test_cli_lists_and_refuses(capsys, tmp_path):

@@ -503,7 +503,7 @@ def test_openai_client_against_a_real_server(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["model"]
     telemetry = {"emotions": ["calm", "happy"], "alerts": [ALWAYS], "ignore_eos": True}
-    raw = client.chat.completions.with_raw_response.create(
+    request = dict(
         model="model",
         messages=[{"role": "user", "content": "hello"}],
         max_tokens=5,
@@ -512,6 +512,7 @@ def test_openai_client_against_a_real_server(server):
         seed=7,
         extra_body={"emoscope": telemetry},
     )
+    raw = client.chat.completions.with_raw_response.create(**request)
     completion = raw.parse()
     scope = raw.http_response.json()["emoscope"]
     assert (
@@ -520,15 +521,7 @@ def test_openai_client_against_a_real_server(server):
     assert len(scope["tokens"]) == 5 and scope["alerts"][0]["token_index"] == 1
     assert completion.model_extra["emoscope"]["conversation_id"] == scope["conversation_id"]
 
-    again = client.chat.completions.create(
-        model="model",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=5,
-        temperature=0.8,
-        top_p=0.9,
-        seed=7,
-        extra_body={"emoscope": telemetry},
-    )
+    again = client.chat.completions.create(**request)
     assert again.choices[0].message.content == completion.choices[0].message.content  # seeded
 
     stream = client.chat.completions.create(

@@ -96,8 +96,8 @@ def run_experiment(
     bank.check_model(lm, allow_other_model)
     if rollouts is not None and rollouts < 1:
         raise EmoscopeError(f"rollouts must be at least 1 (got {rollouts}).")
-    if max_new_tokens is None:
-        max_new_tokens = experiment.reply_tokens
+    if max_new_tokens is None:  # quick runs read half-length replies
+        max_new_tokens = experiment.reply_tokens // (2 if quick else 1)
     if max_new_tokens < 1:
         raise EmoscopeError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
     if partners is not None and partners < 1:

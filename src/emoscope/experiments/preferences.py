@@ -220,6 +220,7 @@ class Preferences(Experiment):
             "r_probe_vs_steer": correlation(probe_values, list(delta.values())),
             "steered_activities": [activities[i]["id"] for i in steered],
             "pairs_per_emotion": len(chosen_pairs),
+            "answered_a_or_b": _answered(ctx),
             "probe_sites": {
                 "activity_tokens": {e: probe_r[e] for e in ctx.scorer.probes},
                 "prompt_mean": {
@@ -326,10 +327,8 @@ class Preferences(Experiment):
                     items, ctx.sampling_short, seeds, desc="preference answers"
                 )
                 for (pair, variant), (reply, _) in zip(chunk, replies):
-                    letter = reply.strip()[:1].upper()
-                    records.append(
-                        _pair_record(key(pair, variant), condition, letter == "A", reply)
-                    )
+                    won = {"A": 1.0, "B": 0.0}.get(reply.strip()[:1].upper())  # else no vote
+                    records.append(_pair_record(key(pair, variant), condition, won, reply))
             else:
                 for (pair, variant), scored in zip(
                     chunk, ctx.scorer.score(items, desc=f"pairs {condition.key}")
@@ -340,13 +339,14 @@ class Preferences(Experiment):
             ctx.log.add(records)
         out: dict[tuple[int, int], float] = {}
         for pair in pairs:
-            values = [float(ctx.log.records[key(pair, v)]["outcome"]) for v in variants]
-            out[pair] = float(np.mean(values))
+            values = [ctx.log.records[key(pair, v)]["outcome"] for v in variants]
+            votes = [float(v) for v in values if v is not None]
+            out[pair] = float(np.mean(votes)) if votes else 0.5
         return out
 
 
 def _pair_record(
-    key: str, condition: Condition, outcome: float, reply: str | None
+    key: str, condition: Condition, outcome: float | None, reply: str | None
 ) -> dict[str, Any]:
     record = {
         "key": key,
@@ -354,11 +354,19 @@ def _pair_record(
         "condition": condition.key,
         "emotion": condition.emotion,
         "strength": condition.strength,
-        "outcome": round(float(outcome), 5),
+        "outcome": None if outcome is None else round(float(outcome), 5),
     }
     if reply is not None:
         record["reply"] = reply
     return record
+
+
+def _answered(ctx: RunContext) -> float | None:
+    """Generate mode: the share of sampled answers that were A or B (the rest are no vote)."""
+    replies = [r for r in ctx.log.records.values() if "reply" in r]
+    if not replies:
+        return None
+    return sum(r["outcome"] is not None for r in replies) / len(replies)
 
 
 def _by_category(activities: Sequence[Mapping[str, Any]], elo: np.ndarray) -> dict[str, float]:
