@@ -890,6 +890,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.name is None:
         raise EmoscopeError("Name an experiment (`emoscope experiment --list` lists them).")
     get_experiment(args.name)
+    if args.strengths is not None:  # refused before the model loads
+        from emoscope.experiments.base import check_strengths
+
+        check_strengths(args.strengths)
     if args.bank is None or args.out is None:
         raise EmoscopeError("Give --bank DIR and --out DIR.")
     if args.judge and args.mode != "generate":
