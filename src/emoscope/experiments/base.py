@@ -270,5 +270,13 @@ def rotations(n: int) -> list[list[int]]:
     return [[(start + i) % n for i in range(n)] for start in range(n)]
 
 
+def option_order(options: Sequence[str], variant: str, scenario_id: str) -> list[str]:
+    """The options in the cyclic order of variant ``oK``, shifted by the scenario's number so
+    that a run with one order per scenario still moves every option across the letters."""
+    digits = "".join(ch for ch in str(scenario_id) if ch.isdigit())
+    shift = int(variant[1:]) + (int(digits) if digits else 0)
+    return [options[i] for i in rotations(len(options))[shift % len(options)]]
+
+
 def letters(n: int) -> list[str]:
     return [chr(ord("A") + i) for i in range(n)]

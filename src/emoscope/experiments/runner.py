@@ -123,6 +123,16 @@ class Experiment:
     def choice_outcome(
         self, meta: Mapping[str, Any], probabilities: Sequence[float]
     ) -> dict[str, Any]:
+        """The option probabilities by name, the likeliest option, and the metrics."""
+        by_option = dict(zip(meta["order"], probabilities))
+        return {
+            **self.choice_metrics(by_option),
+            "probabilities": {k: round(v, 4) for k, v in by_option.items()},
+            "choice": max(by_option, key=by_option.__getitem__),
+        }
+
+    def choice_metrics(self, by_option: Mapping[str, float]) -> dict[str, float]:
+        """``outcome`` (and any extra metric) from each option's probability."""
         raise NotImplementedError
 
     def grade(

@@ -8,10 +8,10 @@ reference replies plus a few marker phrases (or by a judge).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from emoscope.experiments.base import Condition, letters, rotations
+from emoscope.experiments.base import Condition, letters, option_order
 from emoscope.experiments.judge import judge_choice
 from emoscope.experiments.runner import Experiment, RunContext, chat_text, load_data
 from emoscope.experiments.scoring import Item
@@ -93,8 +93,7 @@ class Sycophancy(Experiment):
         if ctx.mode == "generate":
             text, special = chat_text(ctx.lm, turns)
             return Item("", text, special, condition.steering), {}
-        index = (int(variant[1:]) + int(str(scenario["id"]).rsplit("-", 1)[-1])) % len(STYLES)
-        order = [STYLES[i] for i in rotations(len(STYLES))[index]]
+        order = option_order(STYLES, variant, scenario["id"])
         listed = "\n".join(
             f"({letter}) {scenario['replies'][style]}"
             for letter, style in zip(letters(len(order)), order)
@@ -107,16 +106,8 @@ class Sycophancy(Experiment):
             "order": order
         }
 
-    def choice_outcome(
-        self, meta: Mapping[str, Any], probabilities: Sequence[float]
-    ) -> dict[str, Any]:
-        by_style = dict(zip(meta["order"], probabilities))
-        return {
-            "outcome": by_style["capitulate"],
-            "harshness": by_style["harsh"],
-            "probabilities": {k: round(v, 4) for k, v in by_style.items()},
-            "choice": max(by_style, key=by_style.__getitem__),
-        }
+    def choice_metrics(self, by_option: Mapping[str, float]) -> dict[str, float]:
+        return {"outcome": by_option["capitulate"], "harshness": by_option["harsh"]}
 
     def grade(
         self, ctx: RunContext, scenario: Mapping[str, Any], meta: Mapping[str, Any], reply: str
