@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.emoscope-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install demo test test-slow test-browser lint format bench bench-quick bench-demo bench-peers clean
+.PHONY: install demo test test-slow test-browser test-ray test-gpu bench-ray lint format bench bench-quick bench-demo bench-peers clean
 
 install: $(STAMP)
 
@@ -37,6 +37,19 @@ test-browser: $(STAMP)
 	@$(BIN)/python -c "import playwright.sync_api" 2>/dev/null || $(PIP) install "$(PLAYWRIGHT)"
 	$(BIN)/python -m pytest -q -m browser
 
+# Scale-out on a local Ray cluster of two workers (tests/test_cluster.py): installs the ray
+# extra, which the core install leaves out.
+RAY := ray==2.60.0
+
+test-ray: $(STAMP)
+	@$(BIN)/python -c "import ray" 2>/dev/null || $(PIP) install "$(RAY)"
+	$(BIN)/python -m pytest -q -m ray
+
+# Tests that need a CUDA GPU (the vLLM backend): each is skipped with its reason where there is
+# none. On a GPU machine: pip install 'emoscope[vllm]' first.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu -rs
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
@@ -57,6 +70,11 @@ bench-quick: $(STAMP) bench-peers
 # The whole demo pipeline's wall time per stage and peak memory (52 minutes when last run).
 bench-demo: $(STAMP)
 	$(BIN)/python bench/demo.py --json bench/out/demo-full.json
+
+# Extraction throughput on 1 and 2 local Ray workers against one process (bench/ray_extraction.py).
+bench-ray: $(STAMP)
+	@$(BIN)/python -c "import ray" 2>/dev/null || $(PIP) install "$(RAY)"
+	$(BIN)/python bench/ray_extraction.py
 
 # One virtual environment per peer library (repeng, steering-vectors, TransformerLens, nnsight)
 # under bench/.peers, for bench/extraction.py and bench/steering.py; never installed into .venv.

@@ -87,6 +87,15 @@ FAMILIES = [
 ]
 
 
+def save_tiny_model(folder: Path, family: str = "llama") -> Path:
+    """A tiny random model and the character tokenizer saved as a model folder, for code that
+    loads by name (workers, servers, ``load_model``)."""
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(tiny_config(family)).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_lm() -> Callable[[str], LoadedModel]:
     cache: dict[str, LoadedModel] = {}

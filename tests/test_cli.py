@@ -83,6 +83,7 @@ STEER = ["steer", "--bank", "{bank}", "--prompt", "Hello."]
 SCORE = ["score", "--bank", "{bank}", "--text", "Hello."]
 CHAT = ["chat", "--bank", "{bank}"]
 VALIDATE = ["validate-steering", "--bank", "{bank}"]
+GENERATE = ["corpus", "generate", "--model", "smollm2-135m-instruct", "--out", "{empty}/corpus"]
 
 BAD_ARGUMENTS = [
     ("unknown command", ["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -127,6 +128,20 @@ BAD_ARGUMENTS = [
     ("greedy and temperature", [*STEER, "--greedy", "--temperature", "0.5"], "not allowed with"),
     ("missing control vector", [*STEER, "--control-vector", "{missing}"], "no such file"),
     ("unknown device", [*STEER, "--device", "warp9"], "unknown device"),
+    ("--max-memory no pairs", [*STEER, "--max-memory", "lots"], "DEVICE=SIZE"),
+    ("--max-memory without auto", [*STEER, "--max-memory", "cpu=1GiB"], "add --device auto"),
+    (
+        "--workers without --ray",
+        ["experiment", "blackmail", "--bank", "{bank}", "--out", "{empty}/x", "--workers", "2"],
+        "--workers goes with --ray",
+    ),
+    (
+        "vllm and ray",
+        [*GENERATE, "--backend", "vllm", "--ray"],
+        "--ray goes with --backend engine",
+    ),
+    ("vllm not here", [*GENERATE, "--backend", "vllm"], "Cannot use --backend vllm"),
+    ("unknown backend", [*GENERATE, "--backend", "tgi"], "invalid choice: 'tgi'"),
     ("unknown dtype", [*STEER, "--dtype", "float8"], "unknown dtype"),
     ("unknown in --show", [*CHAT, "--show", "happy,hapy"], "Did you mean: happy"),
     ("--show not in bank", [*CHAT, "--show", "happy,desperate"], "not in this bank"),

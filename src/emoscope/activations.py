@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from emoscope.batching import Batch, encode, length_sorted_batches
+from emoscope.errors import EmoscopeError
 from emoscope.files import atomic_save_tensors
 from emoscope.hooks import ResidualReader
 
@@ -305,6 +306,36 @@ def neutral_moments(
     cov = outer / count - shifted_mean.unsqueeze(2) * shifted_mean.unsqueeze(1)
     mean = torch.stack([reference[i].double() for i in range(len(layers))]) + shifted_mean
     return NeutralMoments(layers, count, mean.float(), cov, (norm_sums / count).float(), per_text)
+
+
+def merge_moments(
+    parts: Sequence[tuple[Sequence[int], NeutralMoments]], n_texts: int
+) -> NeutralMoments:
+    """The moments of the union of disjoint sets of texts, from each set's moments (exact up to
+    rounding: counts add, means average by count, covariances add their between-set term).
+
+    ``parts`` pairs each set's text indices (into the ``n_texts`` texts) with its moments.
+    """
+    if not parts:
+        raise EmoscopeError("No neutral-text moments to merge.")
+    layers = list(parts[0][1].layers)
+    total = sum(m.count for _, m in parts)
+    if total == 0:
+        raise EmoscopeError("The neutral texts have no tokens to average.")
+    mean = sum(m.count * m.mean.double() for _, m in parts) / total
+    cov = torch.zeros_like(parts[0][1].cov, dtype=torch.float64)
+    norm = torch.zeros(len(layers), dtype=torch.float64)
+    per_text = torch.zeros(n_texts, *parts[0][1].text_means.shape[1:])
+    for index, m in parts:
+        if list(m.layers) != layers:
+            raise EmoscopeError("Neutral-text moments from different layers cannot be merged.")
+        shift = m.mean.double() - mean
+        cov += m.count * (m.cov + shift.unsqueeze(2) * shift.unsqueeze(1))
+        norm += m.count * m.mean_norm.double()
+        per_text[torch.as_tensor(list(index), dtype=torch.long)] = m.text_means
+    return NeutralMoments(
+        layers, total, mean.float(), cov / total, (norm / total).float(), per_text
+    )
 
 
 def save_neutral_moments(m: NeutralMoments, path: Path) -> None:

@@ -198,6 +198,14 @@ def non_empty_text(text: str) -> str:
 
 
 @_argument_type
+def memory_plan(text: str) -> dict[Any, str]:
+    """``0=20GiB,1=20GiB,cpu=64GiB``: what each device may hold with ``--device auto``."""
+    from emoscope.models import parse_max_memory
+
+    return parse_max_memory(text)
+
+
+@_argument_type
 def dtype_name(text: str) -> str:
     name = text.strip().lower()
     if name not in DTYPES:
@@ -345,7 +353,12 @@ def _check_emotions(bank: Any, emotions: Iterable[str]) -> list[str]:
 def _model_for(args: argparse.Namespace, bank: Any) -> Any:
     from emoscope.models import load_model
 
-    lm = load_model(args.model or bank.model_name, dtype=args.dtype, device=args.device)
+    lm = load_model(
+        args.model or bank.model_name,
+        dtype=args.dtype,
+        device=args.device,
+        max_memory=getattr(args, "max_memory", None),
+    )
     bank.check_model(lm, args.allow_other_model)
     return lm
 
@@ -456,7 +469,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
         dialogues=args.dialogues,
         families=not args.no_families,
         progress=not args.no_progress,
+        max_memory=args.max_memory,
+        ray=args.ray,
+        workers=args.workers,
     )
+    if args.ray:
+        from emoscope.cluster import require_ray
+
+        require_ray()  # before the model loads
     result = extract(config)
     s = result.report["summary"]
     rows = [
@@ -523,8 +543,32 @@ def cmd_corpus_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    summary = generate_corpus(lm, args.out, plan, progress=not args.no_progress)
+    progress = not args.no_progress
+    if args.backend == "vllm":
+        from emoscope.corpus.backends import VllmBackend
+
+        if args.ray:
+            raise EmoscopeError(
+                "vLLM spreads a model over GPUs itself (--tensor-parallel-size); --ray goes with "
+                "--backend engine."
+            )
+        vllm = VllmBackend(args.model, args.dtype, args.tensor_parallel_size)
+        summary = generate_corpus(vllm.text_model, args.out, plan, progress, backend=vllm)
+    elif args.ray:
+        from emoscope.cluster import ModelSpec, RayPool, require_ray
+        from emoscope.corpus.backends import RayBackend
+
+        require_ray()
+        lm = load_model(
+            args.model, dtype=args.dtype, device=args.device, max_memory=args.max_memory
+        )
+        with RayPool(ModelSpec.of(lm), args.ray, args.workers) as pool:
+            summary = generate_corpus(lm, args.out, plan, progress, backend=RayBackend(pool))
+    else:
+        lm = load_model(
+            args.model, dtype=args.dtype, device=args.device, max_memory=args.max_memory
+        )
+        summary = generate_corpus(lm, args.out, plan, progress)
     if args.json:
         emit_json(summary)
     else:
@@ -898,6 +942,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise EmoscopeError("Give --bank DIR and --out DIR.")
     if args.judge and args.mode != "generate":
         raise EmoscopeError("--judge grades free generation; add --mode generate.")
+    if args.ray:
+        from emoscope.cluster import require_ray
+
+        require_ray()
     bank = _bank(args.bank, args.family)
     emotions = _check_emotions(bank, args.emotions) if args.emotions else None
     layers = _check_layers(bank, args.layers)
@@ -925,6 +973,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         allow_other_model=args.allow_other_model,
         partners=args.partners,
         bank_path=str(args.bank),
+        ray=args.ray,
+        workers=args.workers,
     )
     if args.json:
         emit_json({k: v for k, v in results.items() if k != "trace"})
@@ -972,10 +1022,44 @@ def _bank_args(p: argparse.ArgumentParser, required: bool = True, dtype: str = "
     p.add_argument(
         "--device", default="cpu", type=device_name, help="cpu, cuda, cuda:N, mps or auto"
     )
+    _memory_arg(p)
     p.add_argument(
         "--allow-other-model",
         action="store_true",
         help="use the bank with a differently named model of the same size",
+    )
+
+
+def _check_placement(args: argparse.Namespace) -> None:
+    """Options that only make sense together, refused before anything loads."""
+    if getattr(args, "max_memory", None) and getattr(args, "device", None) != "auto":
+        raise EmoscopeError("--max-memory plans a model spread over devices: add --device auto.")
+    if getattr(args, "workers", None) and not getattr(args, "ray", None):
+        raise EmoscopeError("--workers goes with --ray.")
+
+
+def _memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-memory",
+        type=memory_plan,
+        help="with --device auto: what each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+        "(the rest is offloaded to disk)",
+    )
+
+
+def _ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help=f"spread {what} over Ray workers (needs emoscope[ray]): a cluster address, or "
+        "none to start Ray on this machine",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        help="with --ray: how many workers (default: one per GPU, else one per CPU)",
     )
 
 
@@ -1073,6 +1157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="cpu", type=device_name, help="cpu, cuda, cuda:N, mps or auto"
     )
+    _memory_arg(p)
+    _ray_args(p, "the activation stages")
     p.add_argument(
         "--token-offset",
         type=non_negative_int,
@@ -1161,6 +1247,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--dtype", default="auto", type=dtype_name)
     p.add_argument("--device", default="cpu", type=device_name)
+    _memory_arg(p)
+    p.add_argument(
+        "--backend",
+        choices=("engine", "vllm"),
+        default="engine",
+        help="engine (emoscope's own, default) or vllm (GPUs; needs emoscope[vllm])",
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="with --backend vllm: GPUs one model is split over",
+    )
+    _ray_args(p, "the cells")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -1332,6 +1432,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="preferences: unsteered partners per steered activity, both orders (default 2 of "
         "32; 32 is the paper's full tournament)",
     )
+    _ray_args(p, "the experiment's prompts")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -1422,6 +1523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     name = f"{args.command}-{actions[args.command]}" if args.command in actions else args.command
     try:
+        _check_placement(args)
         return COMMANDS[name](args)
     except EmoscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

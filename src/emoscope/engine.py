@@ -272,14 +272,16 @@ class _PrefillPass:
         self.cache, self.first, self.width = cache, first, width
         columns = torch.arange(width, device=pad.device).unsqueeze(0) + pad.unsqueeze(1)
         self.source = columns.clamp(max=width - 1)  # [rows, width]: column holding index j
+        self._moved: dict[torch.device, torch.Tensor] = {}
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.layer(layer_idx, key, value)
         rows = slice(self.first, self.first + key.shape[0])
+        source = _on_device(self.source, key.device, self._moved)
         for new, store in ((key, keys), (value, values)):
-            index = self.source[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
+            index = source[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
             store[rows, :, : self.width] = new.gather(2, index)
         return key, value
 
@@ -293,18 +295,33 @@ class _DecodePass:
     def __init__(self, cache: SlotCache, positions: torch.Tensor, width: int) -> None:
         self.cache, self.positions, self.width = cache, positions, width
         self.rows = torch.arange(positions.shape[0], device=positions.device)
+        self._rows_moved: dict[torch.device, torch.Tensor] = {}
+        self._positions_moved: dict[torch.device, torch.Tensor] = {}
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.layer(layer_idx, key, value)
-        keys[self.rows, :, self.positions] = key[:, :, 0]
-        values[self.rows, :, self.positions] = value[:, :, 0]
+        rows = _on_device(self.rows, key.device, self._rows_moved)
+        positions = _on_device(self.positions, key.device, self._positions_moved)
+        keys[rows, :, positions] = key[:, :, 0]
+        values[rows, :, positions] = value[:, :, 0]
         n = key.shape[0]
         return keys[:n, :, : self.width], values[:n, :, : self.width]
 
     def get_seq_length(self, *_: Any) -> int:
         return self.width - 1
+
+
+def _on_device(
+    tensor: torch.Tensor, device: torch.device, moved: dict[torch.device, torch.Tensor]
+) -> torch.Tensor:
+    """``tensor`` on ``device``, copied at most once per pass (layers may sit on several)."""
+    if tensor.device == device:
+        return tensor
+    if device not in moved:
+        moved[device] = tensor.to(device)
+    return moved[device]
 
 
 def model_context(model: Any) -> int | None:
@@ -410,6 +427,7 @@ class Engine:
         self.max_tokens = min(max_tokens, self.context) if self.context else max_tokens
         self.max_prefill_tokens = max_prefill_tokens
         self.device = lm.device
+        self._layer_devices: dict[int, torch.device] = {}
         self._float_mask = implementation == "eager"
         self._windows, self._mask_mapping = _mask_windows(lm.model)
         self._eos = set(eos_ids(lm.model, lm.tokenizer))
@@ -871,6 +889,7 @@ class Engine:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The band's mean readout, mean z-score (NaN at sinks) and sink flags, on the CPU."""
         layers = list(readings)
+        readings = {layer: reading.to(self.device) for layer, reading in readings.items()}
         sinks = torch.stack(
             [readings[layer][:, -1] > table.readouts[layer].sink_norm for layer in layers]
         ).any(dim=0)
@@ -923,7 +942,9 @@ class Engine:
             lo=torch.tensor([state.window[0] for state in rows], device=device),
             hi=torch.tensor([state.window[1] for state in rows], device=device),
             steer={
-                layer: torch.stack([state.steer.get(layer, zeros) for state in rows])
+                layer: torch.stack([state.steer.get(layer, zeros) for state in rows]).to(
+                    self._layer_device(layer)
+                )
                 for layer in steered
             },
             union=union,
@@ -938,8 +959,15 @@ class Engine:
             }
         return table
 
+    def _layer_device(self, layer: int) -> torch.device:
+        """Where block ``layer`` runs: the vectors a table adds or reads there live there, moved
+        once per table rather than once per step."""
+        if layer not in self._layer_devices:
+            self._layer_devices[layer] = self.lm.adapter.layer_device(self.lm.model, layer)
+        return self._layer_devices[layer]
+
     def _readout_for(self, layer: int, union: list[int]) -> _Readout:
-        bank, device = self.bank, self.device
+        bank, device = self.bank, self._layer_device(layer)
         assert bank is not None
         rows = torch.tensor(union)
         vectors = bank.vectors[layer][rows].to(device, torch.float32)
@@ -965,8 +993,8 @@ class Engine:
         return _Readout(
             vectors=vectors,
             centre=centre,
-            z_mean=z_mean,
-            z_std=z_std,
+            z_mean=None if z_mean is None else z_mean.to(self.device),  # read after the pass
+            z_std=None if z_std is None else z_std.to(self.device),
             sink_norm=sink_norm,
             cosine=self.mode == "cosine",
         )

@@ -72,7 +72,26 @@ class ArchitectureAdapter:
         return int(self.unembed(model).weight.shape[1])
 
     def input_device(self, model: nn.Module) -> torch.device:
-        return model.get_input_embeddings().weight.device
+        return execution_device(model.get_input_embeddings())
+
+    def layer_device(self, model: nn.Module, layer: int) -> torch.device:
+        """Where block ``layer``'s residual lives: with a model spread over devices (or offloaded),
+        vectors go there once instead of following the input device."""
+        return execution_device(self.layers(model)[layer])
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device a module computes on. accelerate's offloading keeps weights on ``meta`` and
+    records where they are brought to run; otherwise it is where the first parameter is."""
+    hook = getattr(module, "_hf_hook", None)
+    for part in [hook, *getattr(hook, "hooks", ())]:  # a SequentialHook holds several
+        device = getattr(part, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
 
 
 _DECODER = ("model.layers", "model.language_model.layers", "language_model.model.layers")

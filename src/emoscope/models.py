@@ -9,6 +9,7 @@ mistaken for a finished one, and an entry that fails its size check is rebuilt.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import hashlib
 import importlib.metadata
@@ -351,17 +352,54 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+MaxMemory = dict[Any, str]
+"""accelerate's ``max_memory``: device (GPU index, ``"cpu"``, ``"mps"``) -> size such as ``"20GiB"``."""
+
+
+def parse_max_memory(text: str) -> MaxMemory:
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``."""
+    out: MaxMemory = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, size = part.partition("=")
+        if not sep or not key.strip() or not size.strip():
+            raise EmoscopeError(
+                f"Cannot read max memory '{part}': write DEVICE=SIZE pairs separated by commas, "
+                "e.g. 0=20GiB,1=20GiB,cpu=64GiB."
+            )
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = size.strip()
+    if not out:
+        raise EmoscopeError("max memory is empty: give DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=64GiB.")
+    return out
+
+
+def _placement(device: str, max_memory: MaxMemory | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments for ``device``: accelerate's ``device_map="auto"`` for
+    ``auto``, with the caller's memory plan and a scratch folder for layers offloaded to disk."""
+    if device != "auto":
+        if max_memory:
+            raise EmoscopeError("max_memory plans a model spread over devices: use device='auto'.")
+        return {}
+    placement: dict[str, Any] = {"device_map": "auto"}
+    if max_memory:
+        placement["max_memory"] = dict(max_memory)
+        placement["offload_folder"] = tempfile.mkdtemp(prefix="emoscope-offload-")
+        atexit.register(shutil.rmtree, placement["offload_folder"], True)
+    return placement
+
+
 def _from_folder(
     folder: Path | str,
     dtype: torch.dtype | str,
     device: str,
     direct_tokenizer: bool = False,
+    max_memory: MaxMemory | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    placement: dict[str, Any] = {"device_map": "auto"} if device == "auto" else {}
+    placement = _placement(device, max_memory)
     if direct_tokenizer:
         tokenizer = _direct_tokenizer(Path(folder))
     else:
@@ -376,7 +414,7 @@ def _from_folder(
 
 
 def _load_gguf(
-    gguf: Path, key: str, dtype: torch.dtype | str, device: str
+    gguf: Path, key: str, dtype: torch.dtype | str, device: str, max_memory: MaxMemory | None
 ) -> tuple[Any, Any, bool]:
     folder = cache_root() / "models" / key
     for attempt in range(2):
@@ -387,7 +425,7 @@ def _load_gguf(
         marker = _read_marker(folder) or {}
         try:
             model, tokenizer = _from_folder(
-                folder, dtype, device, bool(marker.get("direct_tokenizer"))
+                folder, dtype, device, bool(marker.get("direct_tokenizer")), max_memory
             )
             return model, tokenizer, not built_now
         except EmoscopeError:
@@ -412,10 +450,14 @@ def _unknown(name: str, reason: str = "") -> UnknownModelError:
     )
 
 
-def _load_hub(name: str, dtype: torch.dtype | str, device: str) -> tuple[Any, Any, bool]:
+def _load_hub(
+    name: str, dtype: torch.dtype | str, device: str, max_memory: MaxMemory | None
+) -> tuple[Any, Any, bool]:
     """Local Hugging Face cache first; the network only for ``org/name`` ids when online."""
     try:
-        model, tokenizer = _from_folder(name, dtype, device, local_files_only=True)
+        model, tokenizer = _from_folder(
+            name, dtype, device, max_memory=max_memory, local_files_only=True
+        )
         return model, tokenizer, True
     except EmoscopeError:
         raise
@@ -425,7 +467,7 @@ def _load_hub(name: str, dtype: torch.dtype | str, device: str) -> tuple[Any, An
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise _unknown(name, "not in the local Hugging Face cache") from None
     try:
-        model, tokenizer = _from_folder(name, dtype, device)
+        model, tokenizer = _from_folder(name, dtype, device, max_memory=max_memory)
         return model, tokenizer, False
     except EmoscopeError:
         raise
@@ -437,6 +479,7 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = "float32",
     device: str = "cpu",
+    max_memory: MaxMemory | str | None = None,
 ) -> LoadedModel:
     """Load a causal LM ready for reading and steering.
 
@@ -446,6 +489,8 @@ def load_model(
         dtype: ``float32`` (default, exact on CPU), ``bfloat16``, ``float16`` or ``auto``.
         device: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, or ``auto`` to spread a large model
             over the available GPUs.
+        max_memory: with ``device="auto"``, how much each device may hold (a dict or
+            ``"0=20GiB,1=20GiB,cpu=64GiB"``); what does not fit is offloaded to disk.
 
     Example:
         >>> lm = load_model()
@@ -454,6 +499,9 @@ def load_model(
     """
     start = time.perf_counter()
     torch_dtype = _resolve_dtype(dtype)
+    if isinstance(max_memory, str):
+        max_memory = parse_max_memory(max_memory)
+    _placement(device, None if device == "auto" else max_memory)  # refuse a plan without auto
     path = Path(name_or_path).expanduser()
     from_cache = False
     if name_or_path in EMBEDDED:
@@ -461,27 +509,35 @@ def load_model(
         gguf = _embedded_gguf(entry)
         version = importlib.metadata.version(entry.package.split("==")[0])
         model, tokenizer, from_cache = _load_gguf(
-            gguf, f"{entry.name}-{version}", torch_dtype, device
+            gguf, f"{entry.name}-{version}", torch_dtype, device, max_memory
         )
         name, source = entry.name, f"{entry.package} ({gguf.name})"
     elif path.suffix == ".gguf":
         if not path.exists():
             raise _unknown(name_or_path, "no such file")
         key = f"{path.stem}-{_fingerprint(path)}"
-        model, tokenizer, from_cache = _load_gguf(path, key, torch_dtype, device)
+        model, tokenizer, from_cache = _load_gguf(path, key, torch_dtype, device, max_memory)
         name, source = str(path.resolve()), f"GGUF file {path.resolve()}"
     elif path.is_dir():
         try:
-            model, tokenizer = _from_folder(path, torch_dtype, device)
+            model, tokenizer = _from_folder(path, torch_dtype, device, max_memory=max_memory)
+        except EmoscopeError:
+            raise
         except Exception as exc:
             raise _unknown(name_or_path, f"folder could not be loaded: {exc}") from None
         name, source = str(path.resolve()), f"folder {path.resolve()}"
     else:
-        model, tokenizer, from_cache = _load_hub(name_or_path, torch_dtype, device)
+        model, tokenizer, from_cache = _load_hub(name_or_path, torch_dtype, device, max_memory)
         name, source = name_or_path, f"Hugging Face {name_or_path}"
     _prefer_left_padding(tokenizer)
     lm = wrap_model(model, tokenizer, name, source)
     lm.load_seconds, lm.from_cache = time.perf_counter() - start, from_cache
+    lm.extra["load"] = {
+        "model": name_or_path,
+        "dtype": str(dtype if dtype is not None else "float32").removeprefix("torch."),
+        "device": device,
+        "max_memory": max_memory,
+    }
     return lm
 
 

@@ -360,12 +360,14 @@ class Monitor:
         self.full_bank = bank
         self.bank = bank.subset(names, self.layers)
         self.emotions = self.bank.emotions
-        self._device = device = lm.device
+        self._device = lm.device
+        # read inside each block, so each layer's vectors live where that block runs
+        where = {layer: lm.adapter.layer_device(lm.model, layer) for layer in self.layers}
         self._v = {
-            layer: self.bank.vectors[layer].to(device, torch.float32) for layer in self.layers
+            layer: self.bank.vectors[layer].to(where[layer], torch.float32) for layer in self.layers
         }
         self._centre = {
-            layer: self.bank.stat("mean", layer).to(device, torch.float32)
+            layer: self.bank.stat("mean", layer).to(where[layer], torch.float32)
             if mode == "centred"
             else None
             for layer in self.layers

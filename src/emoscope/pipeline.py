@@ -107,6 +107,13 @@ class ExtractConfig:
     max_batch_tokens: int = 4096
     cv_folds: int = 5
     progress: bool = True
+    max_memory: dict[Any, str] | None = None
+    """With ``device="auto"``: how much each device may hold (accelerate's ``max_memory``)."""
+    ray: str | None = None
+    """Spread the activation stages over Ray workers: ``"local"`` starts a Ray runtime here,
+    anything else is a cluster address. ``None``: one process."""
+    workers: int | None = None
+    """Ray workers (default: one per GPU, or one per CPU)."""
 
 
 @dataclass
@@ -177,22 +184,27 @@ def extract(config: ExtractConfig, echo: Callable[[str], None] = _echo_stderr) -
         corpus = load_corpus(config)
         layers = _layers(config, lm)
         claim_folder(out, _run_identity(config, lm, corpus, layers))
-    with timer.stage(f"story activations ({len(corpus.stories)} stories)"):
-        means = _story_activations(lm, corpus, layers, config, cache)
-        stories = LabelledStories.from_records(means, corpus.stories, corpus.emotions)
-    with timer.stage(f"neutral activations ({len(corpus.dialogues)} dialogues)"):
-        neutral = _neutral_activations(lm, corpus, layers, config, cache)
+    with _workers(config, lm, cache, echo) as pool:
+        with timer.stage(f"story activations ({len(corpus.stories)} stories)"):
+            means = _story_activations(lm, corpus, layers, config, cache, pool)
+            stories = LabelledStories.from_records(means, corpus.stories, corpus.emotions)
+        with timer.stage(f"neutral activations ({len(corpus.dialogues)} dialogues)"):
+            neutral = _neutral_activations(lm, corpus, layers, config, cache, pool)
+        dialogue_means = None
+        if config.families:
+            with timer.stage(
+                f"speaker activations ({len(corpus.speakers)} dialogues x 2 framings, "
+                f"{len(corpus.deflections)} deflection dialogues)"
+            ):
+                dialogue_means = _dialogue_activations(
+                    lm, corpus, layers, cache, config.progress, pool
+                )
     with timer.stage("assistant-turn readouts"):
         readouts = _prompt_readouts(lm, corpus, layers, cache)
-    sites = dialogue_means = None
+    sites = None
     if config.families:
         with timer.stage("user-turn readouts"):
             sites = _chat_sites(lm, corpus, readouts, cache, config.progress)
-        with timer.stage(
-            f"speaker activations ({len(corpus.speakers)} dialogues x 2 framings, "
-            f"{len(corpus.deflections)} deflection dialogues)"
-        ):
-            dialogue_means = _dialogue_activations(lm, corpus, layers, cache, config.progress)
     with timer.stage("vectors and layer sweep"):
         sweep = sweep_layers(stories, neutral, readouts.neutral, config.recipe, config.cv_folds)
     with timer.stage("validation and geometry"):
@@ -239,9 +251,33 @@ def cached_stage(
     return result
 
 
+@contextmanager
+def _workers(
+    config: ExtractConfig, lm: LoadedModel, cache: Path, echo: Callable[[str], None]
+) -> Iterator[Any]:
+    """A Ray pool for the activation stages when ``config.ray`` asks for one (and any of
+    them is still to run), else ``None``."""
+    finished = [cache / "stories.safetensors", cache / "neutral.safetensors"]
+    if config.families:
+        finished += [cache / f"dialogues-{s}.safetensors" for s in DIALOGUE_SOURCES]
+    if config.ray is None or all(path.exists() for path in finished):
+        yield None
+        return
+    from emoscope.cluster import ModelSpec, RayPool
+
+    with RayPool(ModelSpec.of(lm), config.ray, config.workers) as pool:
+        echo(f"[emoscope] Ray: {pool.workers} workers ({config.ray})")
+        yield pool
+        if pool.stats["rerun"]:
+            echo(
+                f"[emoscope] Ray: {pool.stats['rerun']} shards re-run after "
+                f"{pool.stats['replaced']} workers died"
+            )
+
+
 def _load_model(config: ExtractConfig, echo: Callable[[str], None]) -> LoadedModel:
     dtype = preferred_dtype(config.device) if config.dtype == "auto" else config.dtype
-    lm = load_model(config.model, dtype=dtype, device=config.device)
+    lm = load_model(config.model, dtype=dtype, device=config.device, max_memory=config.max_memory)
     echo(
         f"[emoscope] {lm.name}: {lm.n_layers} layers, hidden {lm.hidden_size}, {lm.dtype}, "
         f"{'cached' if lm.from_cache else 'first load'} in {lm.load_seconds:.1f}s"
@@ -312,9 +348,36 @@ def _run_identity(
 
 
 def _story_activations(
-    lm: LoadedModel, corpus: Corpus, layers: list[int], config: ExtractConfig, cache: Path
+    lm: LoadedModel,
+    corpus: Corpus,
+    layers: list[int],
+    config: ExtractConfig,
+    cache: Path,
+    pool: Any = None,
 ) -> TextMeans:
-    """Per-story mean activations at every layer, checkpointed batch by batch."""
+    """Per-story mean activations at every layer, checkpointed batch by batch (or shard by
+    shard on Ray workers)."""
+    if pool is not None:
+        from emoscope import cluster
+
+        checkpoint = cache / "stories.ray.ckpt"
+        return cached_stage(
+            cache / "stories.safetensors",
+            lambda: cluster.text_means(
+                pool,
+                [s.text for s in corpus.stories],
+                layers,
+                config.recipe.token_offset,
+                True,
+                config.max_batch_tokens,
+                checkpoint,
+                config.progress,
+                "story activations",
+            ),
+            save_text_means,
+            load_text_means,
+            checkpoint,
+        )
     checkpoint = cache / "stories.ckpt"
     return cached_stage(
         cache / "stories.safetensors",
@@ -336,13 +399,31 @@ def _story_activations(
 
 
 def _neutral_activations(
-    lm: LoadedModel, corpus: Corpus, layers: list[int], config: ExtractConfig, cache: Path
+    lm: LoadedModel,
+    corpus: Corpus,
+    layers: list[int],
+    config: ExtractConfig,
+    cache: Path,
+    pool: Any = None,
 ) -> NeutralMoments:
     """Token-level moments of the neutral dialogues (for the PCA, z-scores and steering norms)."""
-    checkpoint = cache / "neutral.ckpt.safetensors"
+    checkpoint = cache / ("neutral.ray.ckpt" if pool is not None else "neutral.ckpt.safetensors")
 
     def compute() -> NeutralMoments:
         texts, special = _neutral_texts(lm, corpus.dialogues)
+        if pool is not None:
+            from emoscope import cluster
+
+            return cluster.neutral_moments(
+                pool,
+                texts,
+                layers,
+                config.recipe.neutral_skip_first,
+                special,
+                config.max_batch_tokens,
+                checkpoint,
+                config.progress,
+            )
         return neutral_moments(
             lm,
             texts,
@@ -398,7 +479,12 @@ DIALOGUE_SOURCES = ("chat", "person", "deflection")
 
 
 def _dialogue_activations(
-    lm: LoadedModel, corpus: Corpus, layers: list[int], cache: Path, progress: bool
+    lm: LoadedModel,
+    corpus: Corpus,
+    layers: list[int],
+    cache: Path,
+    progress: bool,
+    pool: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Per-speaker means ``[dialogues, 2, layers, hidden]`` of the speaker dialogues in both
     framings and of the deflection dialogues (``Person 1/2`` framing, narration first); each is
@@ -409,13 +495,27 @@ def _dialogue_activations(
             rendered = [render(lm, d.turns, "person", d.context) for d in corpus.deflections]
         else:
             rendered = [render(lm, d.turns, source) for d in corpus.speakers]
+        checkpoint = cache / f"dialogues-{source}.ray.ckpt"
+
+        def compute(
+            rendered: list[Any] = rendered, source: str = source, checkpoint: Path = checkpoint
+        ) -> torch.Tensor:
+            if pool is not None:
+                from emoscope import cluster
+
+                return cluster.speaker_means(
+                    pool, rendered, layers, checkpoint, progress, f"{source} dialogues"
+                )
+            return speaker_means(
+                lm, rendered, layers, progress=progress, desc=f"{source} dialogues"
+            )
+
         out[source] = cached_stage(
             cache / f"dialogues-{source}.safetensors",
-            lambda rendered=rendered, source=source: speaker_means(
-                lm, rendered, layers, progress=progress, desc=f"{source} dialogues"
-            ),
+            compute,
             lambda tensor, path: atomic_save_tensors({"means": tensor}, path),
             lambda path: load_file(str(path))["means"],
+            checkpoint if pool is not None else None,
         )
     return out
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from emoscope.batching import from_token_lists, padding_id
 from emoscope.concepts import EMOTIONS, find_forbidden, resolve_emotions
 from emoscope.corpus import quality
+from emoscope.corpus.backends import IdsBackend
 from emoscope.corpus.records import load_topics, parse_dialogue
 from emoscope.engine import Request, engine_for
 from emoscope.errors import EmoscopeError, UnsupportedArchitectureError
@@ -220,13 +221,18 @@ def _cell_sampling(plan: GenerationPlan, seed: int) -> SamplingConfig:
 
 
 def _generated_cells(
-    lm: Any, cells: Sequence[Cell], plan: GenerationPlan, seeds: Sequence[int]
+    lm: Any,
+    cells: Sequence[Cell],
+    plan: GenerationPlan,
+    seeds: Sequence[int],
+    backend: IdsBackend | None = None,
 ) -> Iterator[tuple[Cell, list[int]]]:
     """Each cell with its generated ids, as soon as it is finished.
 
     Runs on the continuous-batching engine: ``plan.batch_size`` cells decode at once and a
     finished cell's slot goes to the next one straight away. Each cell has its own seed (its
     place in the plan), so what a cell gets does not depend on the batch size or on resuming.
+    A ``backend`` (Ray workers, vLLM) decodes the same prompts with the same settings instead.
     """
     if not cells:
         return
@@ -235,6 +241,11 @@ def _generated_cells(
         list(lm.tokenizer(chat.text, add_special_tokens=chat.add_special_tokens)["input_ids"])
         for chat in chats
     ]
+    if backend is not None:
+        samplings = [_cell_sampling(plan, seed) for seed in seeds]
+        for i, ids in backend.generate_ids(prompts, samplings, plan.batch_size):
+            yield cells[i], ids
+        return
     try:
         engine = engine_for(lm, prompts, plan.max_new_tokens, max_batch=plan.batch_size)
     except UnsupportedArchitectureError:
@@ -264,11 +275,14 @@ def generate_corpus(
     plan: GenerationPlan,
     progress: bool = True,
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    backend: IdsBackend | None = None,
 ) -> dict[str, Any]:
     """Generate (or resume generating) a corpus into ``out``; returns counts.
 
     ``on_batch`` is called with each batch's log entries once they are safely on disk (for
     progress reporting; an exception raised there stops the run with nothing lost).
+    ``backend`` decodes elsewhere (:mod:`emoscope.corpus.backends`: Ray workers or vLLM); ``lm``
+    then only needs a name, a tokenizer and a chat format.
     """
     out = Path(out)
     _claim(out, lm, plan)
@@ -304,7 +318,7 @@ def generate_corpus(
 
     try:
         seeds = [plan.seed + position[c.key] for c in cells]
-        for cell, ids in _generated_cells(lm, cells, plan, seeds):
+        for cell, ids in _generated_cells(lm, cells, plan, seeds, backend):
             entry = _entry(lm, cell, plan, ids, kept)
             append_jsonl(log, [entry])  # on disk before anything else happens
             group.append(entry)

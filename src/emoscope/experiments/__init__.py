@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ def run_experiment(
     allow_other_model: bool = False,
     partners: int | None = None,
     bank_path: str | None = None,
+    ray: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) one experiment and write ``results.json``, ``section.html`` and
     ``records.jsonl`` to ``out``; returns the results.
@@ -84,6 +87,9 @@ def run_experiment(
     Every argument is checked before any model work: an unknown experiment, mode or emotion, an
     empty or out-of-range strength grid, or a folder holding another experiment or model raises
     :class:`~emoscope.errors.EmoscopeError`.
+
+    ``ray`` (``"local"`` or a cluster address) scores and generates each chunk of prompts on
+    Ray workers, ``workers`` of them; records, resume and results are the same as in one process.
     """
     from emoscope.experiments.base import RecordLog
     from emoscope.experiments.report import write_section
@@ -149,7 +155,17 @@ def run_experiment(
         options={"emotions_given": given, "partners": partners},
     )
     started = time.perf_counter()
-    body = experiment.run(ctx) if isinstance(experiment, Preferences) else run_grid(ctx, experiment)
+    with ExitStack() as stack:
+        if ray is not None:
+            from emoscope.cluster import ModelSpec, RayPool, RayScorer
+
+            pool = stack.enter_context(RayPool(ModelSpec.of(lm), ray, workers))
+            ctx.scorer = RayScorer(ctx.scorer, pool)  # type: ignore[assignment]
+        body = (
+            experiment.run(ctx)
+            if isinstance(experiment, Preferences)
+            else run_grid(ctx, experiment)
+        )
     results = {
         "experiment": experiment.name,
         "model": lm.name,

@@ -72,7 +72,7 @@ class Scorer:
         self.steer_layers = [bank.check_layer(x) for x in (layers or [bank.steer_layer])]
         self.read_layer = bank.default_layer
         rows = torch.tensor([bank.index(e) for e in self.probes], dtype=torch.long)
-        device = lm.device
+        device = lm.adapter.layer_device(lm.model, self.read_layer)
         self._vectors = bank.vectors[self.read_layer][rows].to(device, torch.float32)
         self._centre = bank.stat("mean", self.read_layer).to(device, torch.float32)
         self._z_mean = bank.stat("neutral_score_mean", self.read_layer)[rows].to(device)
@@ -116,7 +116,7 @@ class Scorer:
             for r, item in enumerate(items):
                 for emotion, strength in item.steering.items():
                     rows[r] += float(strength) * norm * self.bank.vector(emotion, layer)
-            out[layer] = rows.to(self.lm.device, self.lm.dtype)
+            out[layer] = rows.to(self.lm.adapter.layer_device(self.lm.model, layer), self.lm.dtype)
         return out
 
     def score(self, items: Sequence[Item], desc: str = "scoring") -> list[Scored]:
