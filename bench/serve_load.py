@@ -14,7 +14,7 @@ the other:
 
 Every request has a timeout and no new request starts after ``--time-limit`` seconds.
 
-    python bench/serve_load.py                      # about two minutes on 2 shared cores
+    python bench/serve_load.py                      # about five minutes on 2 cores
     python bench/serve_load.py --requests 2 --max-tokens 16 --json bench/out/serve.json
 """
 
@@ -197,10 +197,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--bank", type=Path, help="bank folder (default: runs/demo if complete)")
-    parser.add_argument("--requests", type=int, default=3, help="requests per client per level")
+    parser.add_argument("--requests", type=int, default=6, help="requests per client per level")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the monitoring check")
-    parser.add_argument("--time-limit", type=float, default=150.0, help="seconds, all levels")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the monitoring check")
+    parser.add_argument("--time-limit", type=float, default=900.0, help="seconds, all levels")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
