@@ -53,6 +53,7 @@ def list_experiments() -> list[dict[str, Any]]:
             "metric": e.metric,
             "emotions": list(e.default_emotions) or ["35 spread over the probe-Elo range"],
             "strengths": list(e.default_strengths),
+            "rollouts": e.default_rollouts,
             "description": e.description,
         }
         for e in EXPERIMENTS.values()
@@ -147,7 +148,7 @@ def run_experiment(
         strengths=grid,
         log=log,
         scorer=Scorer(lm, bank, probes, steer_layers, progress),
-        rollouts=rollouts or (1 if quick else 2),
+        rollouts=rollouts or (1 if quick else experiment.default_rollouts),
         max_new_tokens=max_new_tokens,
         seed=seed,
         judge=judge,

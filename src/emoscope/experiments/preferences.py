@@ -99,6 +99,7 @@ class Preferences(Experiment):
     )
     default_strengths = (PREFERENCE_STRENGTH,)
     quick_strengths = (PREFERENCE_STRENGTH,)
+    default_rollouts = 1  # 8,576 matchups, each one sampled answer
     quick_emotions = ("blissful", "hostile", "calm", "afraid")
 
     def activities(self, ctx: RunContext) -> list[dict[str, Any]]:

@@ -104,6 +104,8 @@ class Experiment:
     extra_metrics: tuple[str, ...] = ()
     reply_tokens = 160
     """Generate mode: the default length of a reply."""
+    default_rollouts = 2
+    """Generate mode: replies per cell by default (``--quick``: one)."""
 
     def scenarios(self, ctx: RunContext) -> list[dict[str, Any]]:
         raise NotImplementedError

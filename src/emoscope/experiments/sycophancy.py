@@ -71,6 +71,7 @@ class Sycophancy(Experiment):
     quick_emotions = ("loving", "angry")
     extra_metrics = ("harshness",)
     reply_tokens = 80
+    default_rollouts = 1  # 26 scenarios x 25 conditions already give 650 replies
 
     def scenarios(self, ctx: RunContext) -> list[dict[str, Any]]:
         scenarios = load_data("sycophancy")["scenarios"]
