@@ -357,32 +357,13 @@ def _story_activations(
 ) -> TextMeans:
     """Per-story mean activations at every layer, checkpointed batch by batch (or shard by
     shard on Ray workers)."""
-    if pool is not None:
-        from emoscope import cluster
-
-        checkpoint = cache / "stories.ray.ckpt"
-        return cached_stage(
-            cache / "stories.safetensors",
-            lambda: cluster.text_means(
-                pool,
-                [s.text for s in corpus.stories],
-                layers,
-                config.recipe.token_offset,
-                True,
-                config.max_batch_tokens,
-                checkpoint,
-                config.progress,
-                "story activations",
-            ),
-            save_text_means,
-            load_text_means,
-            checkpoint,
-        )
-    checkpoint = cache / "stories.ckpt"
+    means, source, checkpoint = _runner(
+        "text_means", lm, pool, cache, "stories.ckpt", "stories.ray.ckpt"
+    )
     return cached_stage(
         cache / "stories.safetensors",
-        lambda: text_means(
-            lm,
+        lambda: means(
+            source,
             [s.text for s in corpus.stories],
             layers,
             config.recipe.token_offset,
@@ -407,25 +388,14 @@ def _neutral_activations(
     pool: Any = None,
 ) -> NeutralMoments:
     """Token-level moments of the neutral dialogues (for the PCA, z-scores and steering norms)."""
-    checkpoint = cache / ("neutral.ray.ckpt" if pool is not None else "neutral.ckpt.safetensors")
+    moments, source, checkpoint = _runner(
+        "neutral_moments", lm, pool, cache, "neutral.ckpt.safetensors", "neutral.ray.ckpt"
+    )
 
     def compute() -> NeutralMoments:
         texts, special = _neutral_texts(lm, corpus.dialogues)
-        if pool is not None:
-            from emoscope import cluster
-
-            return cluster.neutral_moments(
-                pool,
-                texts,
-                layers,
-                config.recipe.neutral_skip_first,
-                special,
-                config.max_batch_tokens,
-                checkpoint,
-                config.progress,
-            )
-        return neutral_moments(
-            lm,
+        return moments(
+            source,
             texts,
             layers,
             config.recipe.neutral_skip_first,
@@ -442,6 +412,22 @@ def _neutral_activations(
         load_neutral_moments,
         checkpoint,
     )
+
+
+def _runner(
+    name: str, lm: LoadedModel, pool: Any, cache: Path, local: str, sharded: str
+) -> tuple[Callable[..., Any], Any, Path]:
+    """An activation function of :mod:`emoscope.activations` with its model, or its
+    :mod:`emoscope.cluster` twin (same arguments) with the pool, and where each checkpoints."""
+    if pool is None:
+        return (
+            {"text_means": text_means, "neutral_moments": neutral_moments}[name],
+            lm,
+            cache / local,
+        )
+    from emoscope import cluster
+
+    return getattr(cluster, name), pool, cache / sharded
 
 
 def _prompt_readouts(
